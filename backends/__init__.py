@@ -1,0 +1,178 @@
+"""Framework adapters, installed as ``uniattn.backends``.
+
+Each adapter is one module defining ``backend``, an instance of a :class:`Backend`
+subclass. The algorithm in ``uniattn`` only ever talks to that interface and to the
+array namespace the adapter returns, so a new framework is one file here plus its
+line in :data:`REGISTRY`; the conformance suite then runs against it unchanged.
+
+An adapter module imports its framework at import time, but it is only imported once
+that framework is already in ``sys.modules`` (see ``uniattn._dispatch``): importing
+``uniattn`` never imports a framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+#: Backend name -> the top-level module of its framework. The name is also the adapter
+#: module's name in this package. Order is the order of detection and of the test matrix.
+REGISTRY: dict[str, str] = {
+    "numpy": "numpy",
+    "jax": "jax",
+    "torch": "torch",
+    "tensorflow": "tensorflow",
+}
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def load(name: str) -> Backend:
+    """Import and return the adapter called ``name`` (this imports its framework)."""
+    if name not in REGISTRY:
+        raise ValueError(f"backend must be one of {sorted(REGISTRY)}; got {name!r}")
+    return importlib.import_module(f"{__name__}.{name}").backend
+
+
+def loaded() -> list[Backend]:
+    """Adapters of the frameworks that are already imported, in registry order."""
+    return [load(name) for name, module in REGISTRY.items() if module in sys.modules]
+
+
+def installed() -> list[str]:
+    """Names of the backends whose framework can be imported (imports nothing)."""
+    return [name for name, module in REGISTRY.items() if importlib.util.find_spec(module)]
+
+
+def python_scan(step: Callable, init: Any, slices: Sequence, length: int, stack: Callable):
+    """:meth:`Backend.scan` as a Python loop, for eager frameworks.
+
+    ``slices[j][i]`` is step ``i``'s value of ``xs[j]``; ``stack`` stacks a list of arrays.
+    """
+    carry, ys = init, []
+    for i in range(length):
+        carry, y = step(carry, tuple(s[i] for s in slices))
+        ys.append(y)
+    if not ys or ys[0] is None:
+        return carry, None
+    if isinstance(ys[0], tuple):
+        return carry, tuple(stack(list(parts)) for parts in zip(*ys))
+    return carry, stack(ys)
+
+
+class Backend:
+    """What uniattn needs from a framework.
+
+    The algorithm uses the array namespace plus four primitives with the semantics of
+    Keras 3's backends: :meth:`scan` (``lax.scan``), :meth:`remat`, :meth:`stop_gradient`
+    and :meth:`custom_vjp`. The remaining methods convert to and from NumPy and reach the
+    framework's own autodiff and compiler; the conformance suite, ``python -m uniattn``
+    and the benchmarks use them.
+    """
+
+    #: Registry name, e.g. ``"torch"``.
+    name: str
+    #: Float dtypes this backend computes in.
+    dtypes: tuple[str, ...] = FLOAT_DTYPES
+    #: Whether :meth:`vjp` (the framework's own reverse-mode autodiff) exists.
+    has_autodiff: bool = True
+    #: Default (query_chunk_size, key_chunk_size).
+    default_chunks: tuple[int, int] = (256, 512)
+
+    # -- identification -----------------------------------------------------------------
+    def is_array_type(self, tp: type) -> bool:
+        """Whether instances of ``tp`` are this framework's arrays."""
+        raise NotImplementedError
+
+    def namespace(self) -> ModuleType | Any:
+        """The array-API namespace the algorithm computes with."""
+        raise NotImplementedError
+
+    def version(self) -> str:
+        """The framework's version string."""
+        raise NotImplementedError
+
+    def prepare(self, x: Any) -> Any:
+        """Turn an accepted input (e.g. a ``tf.Variable``) into a plain array."""
+        return x
+
+    def dtype_name(self, x: Any) -> str:
+        """The dtype of ``x`` as a NumPy-style name: ``"float32"``, ``"bool"``..."""
+        return str(x.dtype.name)
+
+    def device(self, x: Any) -> Any:
+        """The device to create new arrays on, as the namespace's ``device=`` expects."""
+        return None
+
+    # -- primitives used by the algorithm ---------------------------------------------
+    def scan(
+        self,
+        step: Callable[[Any, Any], tuple[Any, Any]],
+        init: Any,
+        xs: Sequence[Any],
+        length: int,
+    ) -> tuple[Any, Any]:
+        """``lax.scan``: ``step(carry, x_i) -> (carry, y_i)`` over the leading axis of ``xs``.
+
+        ``carry`` is a tuple of arrays (possibly empty) whose shapes and dtypes do not
+        change; ``xs`` is a tuple of arrays of leading size ``length``; ``y_i`` is None,
+        an array or a tuple of arrays. Returns the final carry and the ``y_i`` stacked
+        on a new leading axis, with the structure of ``y_i``.
+        """
+        raise NotImplementedError
+
+    def remat(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` whose intermediate values are recomputed in the backward pass.
+
+        ``fn`` takes arrays (and Python scalars) positionally and returns an array or
+        a tuple of arrays; gradients flow to every float argument.
+        """
+        return fn
+
+    def stop_gradient(self, x: Any) -> Any:
+        """``x`` treated as a constant by autodiff."""
+        return x
+
+    def custom_vjp(
+        self,
+        fwd: Callable[..., tuple[Any, Any]],
+        bwd: Callable[[Any, Any], tuple[Any, ...]],
+    ) -> Callable[..., Any]:
+        """A function ``f(*arrays)`` whose reverse-mode derivative is given by hand.
+
+        ``fwd(*arrays) -> (out, residuals)`` computes ``f``; ``bwd(residuals, d_out)``
+        returns one cotangent per argument of ``f`` (None for a non-float argument).
+        ``out`` is an array or a tuple of arrays and ``d_out`` has the same structure.
+        """
+        raise NotImplementedError
+
+    # -- conversion, autodiff and compilation (tests, CLI, benchmarks) -----------------
+    def asarray(self, a: np.ndarray, dtype: str | None = None) -> Any:
+        """A framework array with the values of ``a``, cast to ``dtype`` if given."""
+        raise NotImplementedError
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """A NumPy copy of ``x``; 16-bit floats come back as float32."""
+        raise NotImplementedError
+
+    def vjp(self, fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tuple]]:
+        """``(fn(*primals), vjp_fn)`` by the framework's own reverse-mode autodiff."""
+        raise NotImplementedError(f"{self.name} has no autodiff")
+
+    def jit(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` compiled by the framework's compiler (identity if it has none)."""
+        return fn
+
+    def block(self, x: Any) -> Any:
+        """Wait until ``x`` is computed (asynchronous frameworks); returns ``x``."""
+        return x
+
+    def __repr__(self) -> str:
+        return f"<uniattn backend {self.name!r}>"

@@ -1,0 +1,58 @@
+"""JAX adapter: ``lax.scan``, ``jax.checkpoint``, ``jax.custom_vjp``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import Backend
+
+
+class JaxBackend(Backend):
+    name = "jax"
+
+    def is_array_type(self, tp):
+        # jax.Array admits tracers through isinstance only; the cache works on types.
+        return issubclass(tp, (jax.Array, jax.core.Tracer))
+
+    def namespace(self):
+        return jnp  # jax.numpy implements the array API standard itself
+
+    def version(self):
+        return jax.__version__
+
+    def scan(self, step, init, xs, length):
+        return jax.lax.scan(step, init, tuple(xs), length=length)
+
+    def remat(self, fn):
+        # prevent_cse=False is safe (and faster) inside scan, where every call lives.
+        return jax.checkpoint(fn, prevent_cse=False)
+
+    def stop_gradient(self, x):
+        return jax.lax.stop_gradient(x)
+
+    def custom_vjp(self, fwd, bwd):
+        f = jax.custom_vjp(lambda *args: fwd(*args)[0])
+        f.defvjp(fwd, lambda res, g: tuple(bwd(res, g)))
+        return f
+
+    def asarray(self, a, dtype=None):
+        return jnp.asarray(a, dtype=dtype)
+
+    def to_numpy(self, x):
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
+            x = x.astype(jnp.float32)
+        return np.array(x, copy=True)
+
+    def vjp(self, fn, *primals):
+        return jax.vjp(fn, *primals)
+
+    def jit(self, fn):
+        return jax.jit(fn)
+
+    def block(self, x):
+        return jax.block_until_ready(x)
+
+
+backend = JaxBackend()

@@ -1,0 +1,38 @@
+"""NumPy adapter: a Python loop, no autodiff (gradients come from ``uniattn.vjp``)."""
+
+from __future__ import annotations
+
+import array_api_compat.numpy as xp
+import numpy as np
+
+from . import Backend, python_scan
+
+
+class NumPyBackend(Backend):
+    name = "numpy"
+    dtypes = ("float16", "float32", "float64")  # NumPy has no bfloat16
+    has_autodiff = False
+
+    def is_array_type(self, tp):
+        return issubclass(tp, np.ndarray)
+
+    def namespace(self):
+        return xp
+
+    def version(self):
+        return np.__version__
+
+    def scan(self, step, init, xs, length):
+        return python_scan(step, init, xs, length, np.stack)
+
+    def custom_vjp(self, fwd, bwd):
+        return lambda *args: fwd(*args)[0]
+
+    def asarray(self, a, dtype=None):
+        return np.array(a, dtype=dtype, copy=True)
+
+    def to_numpy(self, x):
+        return np.array(x, copy=True)
+
+
+backend = NumPyBackend()

@@ -1,0 +1,92 @@
+"""PyTorch adapter: a Python loop, ``torch.utils.checkpoint``, ``torch.autograd.Function``."""
+
+from __future__ import annotations
+
+import array_api_compat.torch as xp
+import numpy as np
+import torch
+import torch.utils.checkpoint
+
+from . import Backend, python_scan
+
+
+def _needs_grad(args):
+    return torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args
+    )
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def is_array_type(self, tp):
+        return issubclass(tp, torch.Tensor)
+
+    def namespace(self):
+        return xp
+
+    def version(self):
+        return torch.__version__
+
+    def dtype_name(self, x):
+        return str(x.dtype).removeprefix("torch.")
+
+    def device(self, x):
+        return x.device
+
+    def scan(self, step, init, xs, length):
+        # unbind once: its backward stacks the chunk gradients in one go, where indexing
+        # each step would scatter into a fresh zero tensor per chunk.
+        return python_scan(step, init, [x.unbind(0) for x in xs], length, torch.stack)
+
+    def remat(self, fn):
+        def rematerialised(*args):
+            if not _needs_grad(args):
+                return fn(*args)
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+        return rematerialised
+
+    def stop_gradient(self, x):
+        return x.detach()
+
+    def custom_vjp(self, fwd, bwd):
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                out, residuals = fwd(*args)
+                ctx.residuals = residuals
+                return out
+
+            @staticmethod
+            def backward(ctx, *d_out):
+                return tuple(bwd(ctx.residuals, d_out[0] if len(d_out) == 1 else d_out))
+
+        return Function.apply
+
+    def asarray(self, a, dtype=None):
+        t = torch.from_numpy(np.array(a, copy=True))
+        return t if dtype is None else t.to(getattr(torch, dtype))
+
+    def to_numpy(self, x):
+        x = x.detach()
+        if x.is_floating_point() and x.element_size() < 4:
+            x = x.float()
+        return x.cpu().numpy().copy()
+
+    def vjp(self, fn, *primals):
+        primals = [p.detach().requires_grad_(p.is_floating_point()) for p in primals]
+        out = fn(*primals)
+
+        def vjp_fn(d_out):
+            wanted = [p for p in primals if p.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, d_out, allow_unused=True))
+            return tuple(next(grads) if p.requires_grad else None for p in primals)
+
+        return out, vjp_fn
+
+    def jit(self, fn):
+        return torch.compile(fn, fullgraph=False, dynamic=False)
+
+
+backend = TorchBackend()

@@ -1,0 +1,12 @@
+"""uniattn: memory-efficient attention written once, for NumPy, JAX, PyTorch and TensorFlow.
+
+>>> import uniattn
+>>> out = uniattn.attention(q, k, v, causal=True)  # doctest: +SKIP
+
+Importing uniattn imports no framework; the backend is picked from the arrays' types.
+"""
+
+from ._api import attention
+
+__version__ = "0.1.0"
+__all__ = ["attention"]

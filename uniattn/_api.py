@@ -1,0 +1,264 @@
+"""Public entry points: argument checks, layout handling and dispatch to the algorithm."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from . import _chunked
+from ._dispatch import backend_of, type_name
+from .backends import FLOAT_DTYPES, Backend
+
+Layout = Literal["BTHD", "BHTD"]
+LAYOUTS = ("BTHD", "BHTD")
+BACKWARD_MODES = ("autodiff",)
+
+
+def attention(
+    query: Any,
+    key: Any,
+    value: Any,
+    *,
+    bias: Any = None,
+    mask: Any = None,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: Layout = "BTHD",
+    query_chunk_size: int | None = None,
+    key_chunk_size: int | None = None,
+    backward: Literal["autodiff"] = "autodiff",
+) -> Any:
+    """Scaled dot-product attention in O(chunk) extra memory, on any framework's arrays.
+
+    Computes ``softmax(scale * query @ key.T + bias, masked) @ value`` chunk by chunk
+    (Rabe & Staats 2021): the ``q_len x kv_len`` score matrix never exists, only one
+    ``query_chunk_size x key_chunk_size`` block of it per head.
+
+    Parameters
+    ----------
+    query : array, shape ``[*batch, q_len, heads, d_k]`` (layout "BTHD")
+        A NumPy, JAX, PyTorch or TensorFlow array of float16, bfloat16, float32 or
+        float64. ``*batch`` is zero or more axes, the same for query, key and value.
+    key : array, shape ``[*batch, kv_len, kv_heads, d_k]``
+        Same framework and dtype as ``query``; ``heads`` must be a multiple of
+        ``kv_heads`` (grouped-query attention; repeated keys are never materialised).
+    value : array, shape ``[*batch, kv_len, kv_heads, d_v]``
+    bias : array, optional
+        Added to the scaled scores; broadcastable to ``[*batch, heads, q_len, kv_len]``.
+    mask : bool array, optional
+        True where a query may attend a key; broadcastable like ``bias``.
+    causal : bool
+        Query ``i`` attends key ``j`` iff ``j <= i + kv_len - q_len`` (aligned to the
+        bottom right, as FlashAttention; the usual mask when ``q_len == kv_len``).
+    scale : float, optional
+        Multiplies the scores; default ``1 / sqrt(d_k)``.
+    layout : {"BTHD", "BHTD"}
+        "BTHD" is ``[*batch, length, heads, dim]`` (JAX, Keras, the paper); "BHTD" swaps
+        the length and head axes (PyTorch's SDPA). The output has the same layout.
+    query_chunk_size, key_chunk_size : int, optional
+        Rows and columns of the score block computed at once; clipped to the lengths.
+        None picks the backend's default.
+    backward : {"autodiff"}
+        "autodiff": the framework differentiates through the chunked loops, recomputing
+        each chunk's scores in the backward pass (rematerialisation).
+
+    Returns
+    -------
+    array, shape ``[*batch, q_len, heads, d_v]`` (layout "BTHD")
+        Same framework, dtype and device as the inputs. Rows that may attend no key are 0.
+
+    Raises
+    ------
+    TypeError
+        Arrays of different or unsupported frameworks, non-float or mismatched dtypes, a
+        non-bool mask, non-bool ``causal``.
+    ValueError
+        Mismatched shapes, a bad layout, non-positive chunk sizes, ``heads`` not divisible
+        by ``kv_heads``, a bad ``backward``.
+    """
+    call = _prepare(
+        query, key, value, bias=bias, mask=mask, causal=causal, scale=scale, layout=layout,
+        query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, backward=backward,
+    )
+    out, _ = _chunked.forward(call.backend, *call.arrays, call.options)
+    return call.restore_output(out)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A validated call: the backend, canonical arrays and how to undo the layout."""
+
+    backend: Backend
+    arrays: tuple  # q, k, v, bias, mask in the canonical layout of uniattn._chunked
+    options: _chunked.Options
+    batch: tuple[int, ...]
+    heads: int
+    layout: str
+
+    def restore_output(self, out):
+        xp = self.backend.namespace()
+        q_len, d_v = out.shape[-2], out.shape[-1]
+        out = xp.reshape(out, (*self.batch, self.heads, q_len, d_v))
+        return _swap_length_and_heads(xp, out) if self.layout == "BTHD" else out
+
+
+def _prepare(query, key, value, *, bias, mask, causal, scale, layout, query_chunk_size,
+             key_chunk_size, backward) -> _Call:
+    backend = backend_of(query=query, key=key, value=value, bias=bias, mask=mask)
+    query, key, value = (backend.prepare(x) for x in (query, key, value))
+    bias, mask = (None if x is None else backend.prepare(x) for x in (bias, mask))
+    xp = backend.namespace()
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    if backward not in BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {BACKWARD_MODES}; got {backward!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool; got {type_name(causal)}")
+    scale = _check_scale(scale)
+    default_q_chunk, default_k_chunk = backend.default_chunks
+    q_chunk = _check_chunk("query_chunk_size", query_chunk_size, default_q_chunk)
+    k_chunk = _check_chunk("key_chunk_size", key_chunk_size, default_k_chunk)
+
+    q_shape, k_shape, v_shape = (_static_shape(n, x) for n, x in
+                                 (("query", query), ("key", key), ("value", value)))
+    dtype = _check_float("query", backend, query)
+    for name, x in (("key", key), ("value", value)):
+        if _check_float(name, backend, x) != dtype:
+            raise TypeError(
+                f"query, key and value must share a dtype; query is {dtype}, "
+                f"{name} is {backend.dtype_name(x)}"
+            )
+
+    axes = "[*batch, {t}, {h}, {d}]" if layout == "BTHD" else "[*batch, {h}, {t}, {d}]"
+    if len(q_shape) < 3:
+        raise ValueError(
+            f"query must have shape {axes.format(t='q_len', h='heads', d='d_k')} (at least 3 "
+            f"axes for layout {layout!r}); got shape {q_shape}"
+        )
+    for name, shape in (("key", k_shape), ("value", v_shape)):
+        if len(shape) != len(q_shape) or shape[:-3] != q_shape[:-3]:
+            raise ValueError(
+                f"query, key and value must have the same batch axes [*batch] = {q_shape[:-3]} "
+                f"followed by 3 axes; query has shape {q_shape}, {name} has shape {shape}"
+            )
+    batch = q_shape[:-3]
+    q_len, heads, d_k = _unpack(q_shape, layout)
+    kv_len, kv_heads, d_k_key = _unpack(k_shape, layout)
+    v_len, v_heads, d_v = _unpack(v_shape, layout)
+    kv_axes = axes.format(t="kv_len", h="kv_heads", d="d_k")
+    if d_k_key != d_k:
+        raise ValueError(
+            f"key must have shape {kv_axes} with d_k = {d_k} (from query {q_shape}); "
+            f"got key shape {k_shape} with d_k = {d_k_key}"
+        )
+    if (v_len, v_heads) != (kv_len, kv_heads):
+        raise ValueError(
+            f"value must have shape {axes.format(t='kv_len', h='kv_heads', d='d_v')} with "
+            f"kv_len = {kv_len} and kv_heads = {kv_heads} (from key {k_shape}); got value "
+            f"shape {v_shape}"
+        )
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"the number of query heads must be a multiple of the number of key/value heads; "
+            f"query has {heads} heads (shape {q_shape}), key has {kv_heads} (shape {k_shape})"
+        )
+
+    target = (*batch, heads, q_len, kv_len)
+    if bias is not None:
+        _check_float("bias", backend, bias)
+    if mask is not None and backend.dtype_name(mask) != "bool":
+        raise TypeError(f"mask must be a bool array; got dtype {backend.dtype_name(mask)}")
+    groups = heads // kv_heads
+
+    def canonical(x):  # [*batch, heads, len, dim] -> [*batch, kv_heads, groups, len, dim]
+        if layout == "BTHD":
+            x = _swap_length_and_heads(xp, x)
+        n_heads = x.shape[-3]
+        split = (kv_heads, groups) if n_heads == heads else (n_heads, 1)
+        return xp.reshape(x, (*batch, *split, *x.shape[-2:]))
+
+    arrays = (
+        canonical(query),
+        canonical(key),
+        canonical(value),
+        _canonical_score_operand("bias", bias, target, kv_heads, groups, xp),
+        _canonical_score_operand("mask", mask, target, kv_heads, groups, xp),
+    )
+    options = _chunked.Options(
+        causal=causal,
+        scale=(1.0 / math.sqrt(d_k) if d_k else 1.0) if scale is None else scale,
+        query_chunk_size=q_chunk,
+        key_chunk_size=k_chunk,
+    )
+    return _Call(backend, arrays, options, batch, heads, layout)
+
+
+def _unpack(shape, layout):
+    """(length, heads, dim) of a ``[*batch, ...]`` shape in ``layout``."""
+    a, b, dim = shape[-3:]
+    return (a, b, dim) if layout == "BTHD" else (b, a, dim)
+
+
+def _swap_length_and_heads(xp, x):
+    n = x.ndim
+    return xp.permute_dims(x, (*range(n - 3), n - 2, n - 3, n - 1))
+
+
+def _canonical_score_operand(name, x, target, kv_heads, groups, xp):
+    """Check that ``x`` broadcasts to ``target``; reshape it to the canonical rank."""
+    if x is None:
+        return None
+    shape = _static_shape(name, x)
+    broadcastable = len(shape) <= len(target) and all(
+        s in (1, t) for s, t in zip(reversed(shape), reversed(target))
+    )
+    if not broadcastable:
+        raise ValueError(
+            f"{name} must be broadcastable to [*batch, heads, q_len, kv_len] = {target}; "
+            f"got shape {shape}"
+        )
+    shape = (1,) * (len(target) - len(shape)) + shape
+    heads = (kv_heads, groups) if shape[-3] != 1 else (1, 1)
+    return xp.reshape(x, (*shape[:-3], *heads, *shape[-2:]))
+
+
+def _static_shape(name, x):
+    shape = tuple(x.shape)
+    if any(not isinstance(s, int) for s in shape):
+        raise ValueError(f"{name} must have a static shape; got {shape}")
+    return shape
+
+
+def _check_float(name, backend, x):
+    dtype = backend.dtype_name(x)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype {FLOAT_DTYPES}; got {dtype}")
+    if dtype not in backend.dtypes:
+        raise TypeError(
+            f"{name} has dtype {dtype}, which the {backend.name} backend does not support "
+            f"(supported: {backend.dtypes})"
+        )
+    return dtype
+
+
+def _check_scale(scale):
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None; got {type_name(scale)}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite; got {scale}")
+    return float(scale)
+
+
+def _check_chunk(name, value, default):
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer or None; got {value}")
+    return int(value)
