@@ -12,6 +12,7 @@ that framework is already in ``sys.modules`` (see ``uniattn._dispatch``): import
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -110,6 +111,10 @@ class Backend:
     def device(self, x: Any) -> Any:
         """The device to create new arrays on, as the namespace's ``device=`` expects."""
         return None
+
+    def device_scope(self, x: Any) -> Any:
+        """A context manager in which new computations stay on ``x``'s device."""
+        return contextlib.nullcontext()
 
     # -- primitives used by the algorithm ---------------------------------------------
     def scan(

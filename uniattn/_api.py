@@ -82,8 +82,9 @@ def attention(
         query, key, value, bias=bias, mask=mask, causal=causal, scale=scale, layout=layout,
         query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, backward=backward,
     )
-    out, _ = _chunked.forward(call.backend, *call.arrays, call.options)
-    return call.restore_output(out)
+    with call.backend.device_scope(call.arrays[0]):
+        out, _ = _chunked.forward(call.backend, *call.arrays, call.options)
+        return call.restore_output(out)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,209 @@
+"""TensorFlow adapter: ``tf.while_loop``, ``tf.recompute_grad``, ``tf.custom_gradient``.
+
+array-api-compat has no TensorFlow namespace, so :class:`Namespace` provides the array-API
+functions uniattn's algorithm calls, with the standard's names and signatures, on ``tf``
+ops (``tests/test_backends.py`` checks that it covers every ``xp.*`` the algorithm uses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import tensorflow as tf
+
+from . import Backend, python_scan
+
+
+def _like(value, other):
+    """``value`` as a tensor of ``other``'s dtype when it is a Python scalar."""
+    return tf.constant(value, dtype=other.dtype) if isinstance(value, (int, float)) else value
+
+
+class Namespace:
+    """The subset of the array API standard that uniattn uses, on TensorFlow."""
+
+    bool = tf.bool
+    int32, int64 = tf.int32, tf.int64
+    float16, bfloat16, float32, float64 = tf.float16, tf.bfloat16, tf.float32, tf.float64
+
+    @staticmethod
+    def astype(x, dtype, /, *, copy=True):
+        return tf.cast(x, dtype)
+
+    @staticmethod
+    def reshape(x, /, shape, *, copy=None):
+        return tf.reshape(x, shape)
+
+    @staticmethod
+    def permute_dims(x, /, axes):
+        return tf.transpose(x, axes)
+
+    @staticmethod
+    def matrix_transpose(x, /):
+        return tf.linalg.matrix_transpose(x)
+
+    @staticmethod
+    def matmul(x1, x2, /):
+        return tf.linalg.matmul(x1, x2)
+
+    @staticmethod
+    def concat(arrays, /, *, axis=0):
+        return tf.concat(list(arrays), axis)
+
+    @staticmethod
+    def arange(start, /, stop=None, step=1, *, dtype=None, device=None):
+        if stop is None:
+            start, stop = 0, start
+        return tf.range(start, stop, step, dtype=dtype or tf.int32)
+
+    @staticmethod
+    def zeros(shape, *, dtype=None, device=None):
+        return tf.zeros(shape, dtype=dtype or tf.float32)
+
+    @staticmethod
+    def full(shape, fill_value, *, dtype=None, device=None):
+        return tf.fill(shape, tf.constant(fill_value, dtype=dtype or tf.float32))
+
+    @staticmethod
+    def where(condition, x1, x2, /):
+        x1, x2 = _like(x1, x2), _like(x2, x1)
+        return tf.where(condition, x1, x2)
+
+    @staticmethod
+    def logical_and(x1, x2, /):
+        return tf.logical_and(x1, x2)
+
+    @staticmethod
+    def maximum(x1, x2, /):
+        return tf.maximum(x1, x2)
+
+    @staticmethod
+    def max(x, /, *, axis=None, keepdims=False):
+        return tf.reduce_max(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def sum(x, /, *, axis=None, dtype=None, keepdims=False):
+        return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def exp(x, /):
+        return tf.exp(x)
+
+    @staticmethod
+    def log(x, /):
+        return tf.math.log(x)
+
+
+def _is_float_tensor(x):
+    return isinstance(x, (tf.Tensor, tf.Variable)) and x.dtype.is_floating
+
+
+class TensorFlowBackend(Backend):
+    name = "tensorflow"
+
+    def is_array_type(self, tp):
+        return issubclass(tp, (tf.Tensor, tf.Variable))
+
+    def namespace(self):
+        return Namespace
+
+    def version(self):
+        return tf.__version__
+
+    def prepare(self, x):
+        return tf.convert_to_tensor(x)  # reads a tf.Variable (the tape still sees it)
+
+    def device_scope(self, x):
+        # TF places an op on its default device, not its inputs'; keep the inputs'.
+        return tf.device(x.device) if getattr(x, "device", "") else contextlib.nullcontext()
+
+    def scan(self, step, init, xs, length):
+        if tf.executing_eagerly():
+            return python_scan(step, init, [tf.unstack(x, num=length) for x in xs], length, tf.stack)
+        if length == 0:
+            return init, None
+        # Graph mode: peel step 0 to learn the structure of y, then a tf.while_loop over
+        # TensorArrays (whose gradients stack, like lax.scan's).
+        inputs = [tf.TensorArray(x.dtype, size=length).unstack(x) for x in xs]
+        carry, y = step(init, tuple(t.read(0) for t in inputs))
+        if length == 1:  # XLA rejects the gradient of a while loop of 0 iterations
+            return carry, None if y is None else tf.nest.map_structure(lambda a: a[None], y)
+        if y is None:
+            def body(i, carry):
+                return i + 1, step(carry, tuple(t.read(i) for t in inputs))[0]
+
+            _, carry = tf.while_loop(
+                lambda i, _: i < length, body, (tf.constant(1), carry), maximum_iterations=length - 1
+            )
+            return carry, None
+        ys = tf.nest.flatten(y)
+        outs = [tf.TensorArray(a.dtype, size=length, element_shape=a.shape).write(0, a) for a in ys]
+
+        def body(i, carry, outs):
+            carry, y = step(carry, tuple(t.read(i) for t in inputs))
+            return i + 1, carry, [o.write(i, a) for o, a in zip(outs, tf.nest.flatten(y))]
+
+        _, carry, outs = tf.while_loop(
+            lambda i, *_: i < length, body, (tf.constant(1), carry, outs), maximum_iterations=length - 1
+        )
+        return carry, tf.nest.pack_sequence_as(y, [o.stack() for o in outs])
+
+    def remat(self, fn):
+        # tf.recompute_grad differentiates its float tensor arguments only; everything
+        # else (None, ints, positions) is bound here so that gradients reach every input.
+        def rematerialised(*args):
+            where = [i for i, a in enumerate(args) if _is_float_tensor(a)]
+
+            def on_tensors(*tensors):
+                full = list(args)
+                for i, t in zip(where, tensors):
+                    full[i] = t
+                return fn(*full)
+
+            return tf.recompute_grad(on_tensors)(*(args[i] for i in where))
+
+        return rematerialised
+
+    def stop_gradient(self, x):
+        return tf.stop_gradient(x)
+
+    def custom_vjp(self, fwd, bwd):
+        @tf.custom_gradient
+        def f(*args):
+            out, residuals = fwd(*args)
+
+            def grad(*d_out):
+                return tuple(bwd(residuals, d_out[0] if len(d_out) == 1 else d_out))
+
+            return out, grad
+
+        return f
+
+    def asarray(self, a, dtype=None):
+        t = tf.constant(np.array(a, copy=True))
+        return t if dtype is None else tf.cast(t, getattr(tf, dtype))
+
+    def to_numpy(self, x):
+        if x.dtype.is_floating and x.dtype.size < 4:
+            x = tf.cast(x, tf.float32)
+        return np.array(x.numpy(), copy=True)
+
+    def vjp(self, fn, *primals):
+        primals = [tf.identity(p) for p in primals]
+        with tf.GradientTape(persistent=True) as tape:
+            for p in primals:
+                tape.watch(p)
+            out = fn(*primals)
+
+        def vjp_fn(d_out):
+            return tuple(tape.gradient(out, primals, output_gradients=d_out,
+                                       unconnected_gradients=tf.UnconnectedGradients.ZERO))
+
+        return out, vjp_fn
+
+    def jit(self, fn):
+        return tf.function(fn, jit_compile=True, reduce_retracing=False)
+
+
+backend = TensorFlowBackend()
