@@ -116,6 +116,14 @@ class Backend:
         """A context manager in which new computations stay on ``x``'s device."""
         return contextlib.nullcontext()
 
+    def stage(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` prepared for repeated eager calls with the same static options.
+
+        uniattn stages each (options) variant of the algorithm once; a framework that
+        would otherwise re-trace its loops on every eager call (JAX) compiles here.
+        """
+        return fn
+
     # -- primitives used by the algorithm ---------------------------------------------
     def scan(
         self,

@@ -22,6 +22,10 @@ class JaxBackend(Backend):
     def version(self):
         return jax.__version__
 
+    def stage(self, fn):
+        # Eager lax.scan re-traces and compiles on every call; jit caches per shape.
+        return jax.jit(fn)
+
     def scan(self, step, init, xs, length):
         return jax.lax.scan(step, init, tuple(xs), length=length)
 
@@ -46,7 +50,11 @@ class JaxBackend(Backend):
         return np.array(x, copy=True)
 
     def vjp(self, fn, *primals):
-        return jax.vjp(fn, *primals)
+        # An eager pullback dispatches (and compiles) each transposed scan on its own;
+        # one jitted pullback compiles once.
+        out = jax.jit(fn)(*primals)
+        pullback = jax.jit(lambda primals, d_out: jax.vjp(fn, *primals)[1](d_out))
+        return out, lambda d_out: pullback(primals, d_out)
 
     def jit(self, fn):
         return jax.jit(fn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -83,8 +84,13 @@ def attention(
         query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, backward=backward,
     )
     with call.backend.device_scope(call.arrays[0]):
-        out, _ = _chunked.forward(call.backend, *call.arrays, call.options)
+        out, _ = _staged_forward(call.backend, call.options)(*call.arrays)
         return call.restore_output(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _staged_forward(backend: Backend, options: _chunked.Options):
+    return backend.stage(functools.partial(_chunked.forward, backend, options=options))
 
 
 @dataclass(frozen=True)

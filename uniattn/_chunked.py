@@ -81,7 +81,7 @@ def forward(backend: Any, q, k, v, bias, mask, options: Options):
         return m_new, l, acc
 
     update = backend.remat(update)
-    k_split, v_split = _split(xp, k, -2, ck), _split(xp, v, -2, ck)
+    k_split, v_split = _split(xp, k, -2, ck, kv_len), _split(xp, v, -2, ck, kv_len)
     k_starts = xp.arange(0, kv_len - k_split.tail_len, ck, device=device)
 
     def query_block(q_blk, q_start, bias_blk, mask_blk, k_chunks, v_chunks, k_tail, v_tail):
@@ -90,7 +90,7 @@ def forward(backend: Any, q, k, v, bias, mask, options: Options):
         m = xp.full((*rows, 1), NEG_INF, dtype=acc_dtype, device=device)
         l = xp.zeros((*rows, 1), dtype=acc_dtype, device=device)
         acc = xp.zeros((*rows, v.shape[-1]), dtype=acc_dtype, device=device)
-        extras = (_split(xp, bias_blk, -1, ck), _split(xp, mask_blk, -1, ck))
+        extras = (_split(xp, bias_blk, -1, ck, kv_len), _split(xp, mask_blk, -1, ck, kv_len))
 
         def step(carry, xs):
             k_c, v_c, *extra_chunks, k_start = xs
@@ -110,7 +110,7 @@ def forward(backend: Any, q, k, v, bias, mask, options: Options):
 
     query_block = backend.remat(query_block)
     key_arrays = (k_split.chunks, v_split.chunks, k_split.tail, v_split.tail)
-    queries = (_split(xp, q, -2, cq), _split(xp, bias, -2, cq), _split(xp, mask, -2, cq))
+    queries = tuple(_split(xp, x, -2, cq, q_len) for x in (q, bias, mask))
     q_starts = xp.arange(0, q_len - queries[0].tail_len, cq, device=device)
 
     def query_step(carry, xs):
@@ -133,8 +133,8 @@ class _Split:
     """An operand cut along one axis for a scan.
 
     ``chunks`` stacks the full chunks on a new leading axis, ``tail`` is the shorter last
-    chunk (None when the size divides the length). An operand that is None or has extent
-    1 on the axis (broadcast) is not cut: it is kept whole and given to every chunk.
+    chunk (None when the size divides the length). An operand that is None or broadcast
+    along the axis (extent 1 where the length is not) is kept whole for every chunk.
     """
 
     chunks: Any = None
@@ -147,11 +147,11 @@ class _Split:
         return self.chunks is not None
 
 
-def _split(xp, x, axis: int, size: int) -> _Split:
-    if x is None or x.shape[axis] == 1:
+def _split(xp, x, axis: int, size: int, length: int) -> _Split:
+    """Cut ``x`` along ``axis`` of extent ``length`` (a broadcast extent 1 is not cut)."""
+    if x is None or x.shape[axis] != length:
         return _Split(whole=x)
     axis = x.ndim + axis
-    length = x.shape[axis]
     cut = length - length % size
     head = _slice_axis(x, axis, 0, cut)
     head = xp.reshape(head, (*x.shape[:axis], cut // size, size, *x.shape[axis + 1 :]))

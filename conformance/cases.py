@@ -1,0 +1,144 @@
+"""The case table: every backend runs every case (in each dtype it supports).
+
+A case fixes shapes, options and a seed; :func:`make_inputs` turns it into float64 NumPy
+arrays, so a failure is reproducible from the case's name alone (see :meth:`Case.repro`).
+Shapes of ``bias`` and ``mask`` are written against ``[*batch, heads, q_len, kv_len]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+ALL_DTYPES = ("float64", "float32", "float16", "bfloat16")
+WIDE = ("float64", "float32")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    q_len: int
+    kv_len: int
+    batch: tuple[int, ...] = (2,)
+    heads: int = 2
+    kv_heads: int | None = None  # None: same as heads
+    d_k: int = 8
+    d_v: int | None = None  # None: same as d_k
+    causal: bool = False
+    bias: tuple[int, ...] | None = None
+    mask: tuple[int, ...] | None = None
+    masked_rows: tuple[int, ...] = ()  # query rows the mask switches off entirely
+    layout: str = "BTHD"
+    chunks: tuple[int, int] = (16, 16)
+    scale: float | None = None
+    logit_gain: float = 1.0  # multiplies q: large values stress the running max
+    # Round q and k to integers: with a power-of-two scale the scores are then exact in
+    # float32, so huge logits test the algorithm's stability, not matmul conditioning.
+    integer_qk: bool = False
+    dtypes: tuple[str, ...] = WIDE
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.name
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        kv_heads = self.kv_heads or self.heads
+        d_v = self.d_v or self.d_k
+
+        def arrange(length, heads, dim):
+            core = (length, heads, dim) if self.layout == "BTHD" else (heads, length, dim)
+            return (*self.batch, *core)
+
+        return {
+            "query": arrange(self.q_len, self.heads, self.d_k),
+            "key": arrange(self.kv_len, kv_heads, self.d_k),
+            "value": arrange(self.kv_len, kv_heads, d_v),
+            "d_out": arrange(self.q_len, self.heads, d_v),
+        }
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of ``uniattn.attention`` (bias and mask not included)."""
+        return dict(causal=self.causal, scale=self.scale, layout=self.layout,
+                    query_chunk_size=self.chunks[0], key_chunk_size=self.chunks[1])
+
+    def with_(self, **changes) -> Case:
+        return replace(self, **changes)
+
+    def repro(self, backend: str, dtype: str) -> str:
+        """How to rerun this case by hand."""
+        shapes = ", ".join(f"{k} {v}" for k, v in self.shapes().items() if k != "d_out")
+        options = ", ".join(f"{k}={v!r}" for k, v in self.kwargs().items())
+        return (
+            f"case {self.name!r} on {backend}, {dtype} (seed {self.seed}): {shapes}, "
+            f"bias {self.bias}, mask {self.mask} (rows off: {self.masked_rows})\n"
+            f"  uniattn.attention(query, key, value, bias=..., mask=..., {options})\n"
+            f"  inputs: from conformance.cases import CASES, make_inputs; "
+            f"make_inputs(CASES[{self.name!r}])\n"
+            f"  rerun:  pytest conformance --backend={backend} -k '{self.name} and {dtype}'"
+        )
+
+
+def make_inputs(case: Case) -> dict[str, np.ndarray | None]:
+    """Float64 (and bool) NumPy inputs of ``case``: query, key, value, bias, mask, d_out."""
+    rng = np.random.default_rng(case.seed)
+    arrays = {name: rng.standard_normal(shape) for name, shape in case.shapes().items()}
+    arrays["query"] = arrays["query"] * case.logit_gain
+    if case.integer_qk:
+        arrays["query"], arrays["key"] = np.round(arrays["query"]), np.round(arrays["key"])
+    arrays["bias"] = None if case.bias is None else rng.standard_normal(case.bias)
+    mask = None
+    if case.mask is not None:
+        mask = rng.random(case.mask) < 0.7
+        for row in case.masked_rows:
+            mask[..., row, :] = False
+    arrays["mask"] = mask
+    return arrays
+
+
+_CASES = [
+    Case("basic", 64, 64, dtypes=ALL_DTYPES),
+    Case("no-batch", 33, 47, batch=(), chunks=(8, 16)),
+    Case("two-batch-axes", 20, 30, batch=(2, 3), chunks=(7, 9)),
+    Case("three-batch-axes", 9, 13, batch=(2, 1, 2), heads=1, chunks=(4, 5)),
+    Case("q-shorter-than-kv", 24, 70, chunks=(8, 16)),
+    Case("dv-ne-dk", 50, 80, batch=(1,), d_k=16, d_v=24, chunks=(16, 32)),
+    # memory-efficient-attention returns wrong values here (T=100, 50 x 30 chunks).
+    Case("non-divisible", 100, 100, batch=(1,), d_k=16, chunks=(50, 30)),
+    Case("coprime-chunks", 37, 41, chunks=(5, 7)),
+    Case("chunk-1", 9, 11, chunks=(1, 1)),
+    Case("chunks-above-lengths", 20, 30, chunks=(1024, 4096)),
+    Case("single-key", 12, 1, chunks=(4, 4)),
+    Case("single-query", 1, 40, chunks=(4, 16)),
+    Case("causal", 64, 64, causal=True, dtypes=ALL_DTYPES),
+    Case("causal-q-shorter", 24, 70, causal=True, chunks=(8, 16)),
+    # bottom-right: query rows 0..45 see no key at all and must give 0
+    Case("causal-q-longer", 70, 24, causal=True, chunks=(16, 8)),
+    Case("causal-uneven-chunks", 45, 45, causal=True, chunks=(7, 10)),
+    Case("bias-full", 40, 50, heads=4, bias=(2, 4, 40, 50), chunks=(16, 16), dtypes=ALL_DTYPES),
+    Case("bias-no-heads", 40, 50, heads=4, bias=(40, 50), chunks=(16, 16)),
+    Case("bias-per-head-key", 40, 50, heads=4, bias=(4, 1, 50), chunks=(16, 16)),
+    Case("bias-per-batch-query", 40, 50, heads=2, bias=(2, 1, 40, 1), chunks=(16, 16)),
+    Case("mask-full", 40, 50, heads=2, mask=(2, 2, 40, 50), masked_rows=(0, 17), dtypes=ALL_DTYPES),
+    Case("mask-broadcast", 40, 50, mask=(40, 50), masked_rows=(3, 39)),
+    Case("mask-keys-only", 40, 50, mask=(2, 1, 1, 50)),
+    Case("mask-all-off", 20, 30, mask=(20, 30), masked_rows=tuple(range(20))),
+    Case("mask-and-bias-causal", 40, 40, heads=2, causal=True, bias=(2, 40, 40),
+         mask=(2, 1, 40, 40), masked_rows=(5,), chunks=(16, 8)),
+    Case("layout-bhtd", 40, 50, layout="BHTD", mask=(40, 50), masked_rows=(1,)),
+    Case("layout-bhtd-causal-bias", 33, 33, layout="BHTD", causal=True, bias=(2, 2, 33, 33),
+         chunks=(8, 8)),
+    Case("gqa", 40, 56, heads=8, kv_heads=2, causal=True, bias=(8, 40, 56), chunks=(16, 16),
+         dtypes=ALL_DTYPES),
+    Case("gqa-mask-bhtd", 30, 30, heads=6, kv_heads=3, layout="BHTD", mask=(2, 6, 30, 30),
+         masked_rows=(2,)),
+    Case("mqa", 30, 45, heads=4, kv_heads=1, chunks=(8, 8)),
+    Case("decode", 1, 100, heads=4, kv_heads=2, causal=True, chunks=(1, 32)),
+    Case("scale", 30, 30, scale=0.05),
+    Case("huge-logits", 32, 48, logit_gain=1e3, integer_qk=True, scale=0.125, chunks=(8, 8)),
+    Case("huge-logits-causal", 32, 48, logit_gain=1e3, integer_qk=True, scale=0.125,
+         causal=True, chunks=(8, 8)),
+]
+CASES: dict[str, Case] = {c.name: c for c in _CASES}
+assert len(CASES) == len(_CASES), "case names must be unique"

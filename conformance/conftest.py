@@ -1,0 +1,70 @@
+"""Conformance suite: ``pytest conformance --backend=NAME`` (repeatable).
+
+Without ``--backend`` every installed backend is tested. Tests that take a ``backend``
+argument run once per selected backend; tests that also take ``case`` and ``dtype`` run
+over the case table in each dtype the backend supports.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# float64 cases need JAX's x64 mode (array-api-tests does the same); the x64-off default
+# has its own test in test_semantics.py.
+os.environ.setdefault("JAX_ENABLE_X64", "1")
+
+import pytest  # noqa: E402
+
+from uniattn import backends  # noqa: E402
+
+from .cases import CASES  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--backend",
+        action="append",
+        default=[],
+        choices=list(backends.REGISTRY),
+        help="backend to run the conformance suite on (repeatable; default: all installed)",
+    )
+
+
+def selected_backends(config) -> list[str]:
+    names = config.getoption("backend") or backends.installed()
+    missing = [n for n in names if n not in backends.installed()]
+    if missing:
+        raise pytest.UsageError(f"--backend {missing}: framework not installed")
+    return names
+
+
+def pytest_configure(config):
+    config.uniattn_backends = selected_backends(config)
+
+
+def pytest_report_header(config):
+    loaded = [backends.load(n) for n in config.uniattn_backends]
+    return "uniattn backends: " + ", ".join(f"{b.name} {b.version()}" for b in loaded)
+
+
+def pytest_generate_tests(metafunc):
+    names = metafunc.config.uniattn_backends
+    fixtures = metafunc.fixturenames
+    if "backend" not in fixtures:
+        return
+    loaded = [backends.load(n) for n in names]
+    marks = getattr(metafunc.function, "pytestmark", [])
+    if any(m.name == "needs_autodiff" for m in marks):
+        loaded = [b for b in loaded if b.has_autodiff]
+    if "case" in fixtures:
+        params = [
+            pytest.param(b, case, dtype, id=f"{b.name}-{case.name}-{dtype}")
+            for b in loaded
+            for case in CASES.values()
+            for dtype in case.dtypes
+            if dtype in b.dtypes
+        ]
+        metafunc.parametrize(("backend", "case", "dtype"), params)
+    else:
+        metafunc.parametrize("backend", loaded, ids=[b.name for b in loaded])

@@ -1,0 +1,102 @@
+"""The float64 NumPy reference: plain attention with the full score matrix.
+
+This is the oracle of the conformance suite. It is written for clarity, not memory: it
+materialises ``[*batch, heads, q_len, kv_len]`` scores and repeats grouped key/value
+heads. Gradients are the analytic ones, in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """Reference cotangents; ``d_bias`` has the shape of the bias given (None if none)."""
+
+    dq: np.ndarray
+    dk: np.ndarray
+    dv: np.ndarray
+    d_bias: np.ndarray | None
+
+
+def attention(query, key, value, *, bias=None, mask=None, causal=False, scale=None,
+              layout="BTHD", return_lse=False):
+    """Reference output in float64 (and the logsumexp ``[*batch, heads, q_len]``)."""
+    out, probs, lse = _forward(query, key, value, bias, mask, causal, scale, layout)
+    out = _from_bhtd(out, layout)
+    return (out, lse) if return_lse else out
+
+
+def vjp(query, key, value, d_out, *, bias=None, mask=None, causal=False, scale=None,
+        layout="BTHD") -> Gradients:
+    """Reference gradients of ``sum(attention(...) * d_out)``, in float64."""
+    q, k, v, groups = _to_bhtd(query, key, value, layout)
+    s_scale = _scale(scale, q.shape[-1])
+    out, p, _ = _forward(query, key, value, bias, mask, causal, scale, layout)
+    d_o = _from_bhtd(np.asarray(d_out, np.float64), layout)  # the swap is its own inverse
+    k_rep, v_rep = np.repeat(k, groups, axis=-3), np.repeat(v, groups, axis=-3)
+    dv = _sum_groups(np.swapaxes(p, -1, -2) @ d_o, groups)
+    dp = d_o @ np.swapaxes(v_rep, -1, -2)
+    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))  # softmax backward
+    dq = s_scale * ds @ k_rep
+    dk = _sum_groups(s_scale * np.swapaxes(ds, -1, -2) @ q, groups)
+    d_bias = None if bias is None else _reduce_to(ds, np.shape(bias))
+    return Gradients(*(_from_bhtd(g, layout) for g in (dq, dk, dv)), d_bias)
+
+
+def _forward(query, key, value, bias, mask, causal, scale, layout):
+    q, k, v, groups = _to_bhtd(query, key, value, layout)
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    k, v = np.repeat(k, groups, axis=-3), np.repeat(v, groups, axis=-3)
+    s = _scale(scale, q.shape[-1]) * (q @ np.swapaxes(k, -1, -2))
+    if bias is not None:
+        s = s + np.asarray(bias, np.float64)
+    allowed = np.ones(s.shape, dtype=bool)
+    if mask is not None:
+        allowed &= np.asarray(mask, bool)
+    if causal:
+        i, j = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+        allowed &= j <= i + (kv_len - q_len)
+    s = np.where(allowed, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
+    m = np.where(np.isneginf(m), 0.0, m)
+    e = np.where(allowed, np.exp(s - m), 0.0)
+    total = np.sum(e, axis=-1, keepdims=True)
+    seen = total > 0
+    p = e / np.where(seen, total, 1.0)
+    with np.errstate(divide="ignore"):
+        lse = np.where(seen, m + np.log(np.where(seen, total, 1.0)), -np.inf)[..., 0]
+    return p @ v, p, lse
+
+
+def _scale(scale, d_k):
+    return (1.0 / math.sqrt(d_k) if d_k else 1.0) if scale is None else float(scale)
+
+
+def _to_bhtd(query, key, value, layout):
+    q, k, v = (np.asarray(x, np.float64) for x in (query, key, value))
+    if layout == "BTHD":
+        q, k, v = (np.swapaxes(x, -3, -2) for x in (q, k, v))
+    return q, k, v, q.shape[-3] // k.shape[-3]
+
+
+def _from_bhtd(x, layout):
+    return np.swapaxes(x, -3, -2) if layout == "BTHD" else x
+
+
+def _sum_groups(x, groups):
+    """[*b, heads, t, d] -> [*b, kv_heads, t, d], summing the query heads of each group."""
+    *batch, heads, t, d = x.shape
+    return x.reshape(*batch, heads // groups, groups, t, d).sum(axis=-3)
+
+
+def _reduce_to(x, shape):
+    """Sum ``x`` over the axes along which an array of ``shape`` was broadcast to it."""
+    lead = x.ndim - len(shape)
+    x = x.sum(axis=tuple(range(lead))) if lead else x
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(axis=axes, keepdims=True) if axes else x
