@@ -64,7 +64,7 @@ def python_scan(step: Callable, init: Any, slices: Sequence, length: int, stack:
     if not ys or ys[0] is None:
         return carry, None
     if isinstance(ys[0], tuple):
-        return carry, tuple(stack(list(parts)) for parts in zip(*ys))
+        return carry, tuple(stack(list(parts)) for parts in zip(*ys, strict=True))
     return carry, stack(ys)
 
 
@@ -176,7 +176,12 @@ class Backend:
         raise NotImplementedError
 
     def vjp(self, fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tuple]]:
-        """``(fn(*primals), vjp_fn)`` by the framework's own reverse-mode autodiff."""
+        """``(fn(*primals), vjp_fn)`` by the framework's own reverse-mode autodiff.
+
+        ``vjp_fn(d_out)`` returns one cotangent per primal; call it once (TensorFlow's
+        tape is not persistent: a persistent one cannot differentiate a recomputed
+        while loop inside ``tf.function``).
+        """
         raise NotImplementedError(f"{self.name} has no autodiff")
 
     def jit(self, fn: Callable[..., Any]) -> Callable[..., Any]:

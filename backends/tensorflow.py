@@ -120,7 +120,9 @@ class TensorFlowBackend(Backend):
 
     def scan(self, step, init, xs, length):
         if tf.executing_eagerly():
-            return python_scan(step, init, [tf.unstack(x, num=length) for x in xs], length, tf.stack)
+            return python_scan(
+                step, init, [tf.unstack(x, num=length) for x in xs], length, tf.stack
+            )
         if length == 0:
             return init, None
         # Graph mode: peel step 0 to learn the structure of y, then a tf.while_loop over
@@ -130,11 +132,15 @@ class TensorFlowBackend(Backend):
         if length == 1:  # XLA rejects the gradient of a while loop of 0 iterations
             return carry, None if y is None else tf.nest.map_structure(lambda a: a[None], y)
         if y is None:
+
             def body(i, carry):
                 return i + 1, step(carry, tuple(t.read(i) for t in inputs))[0]
 
             _, carry = tf.while_loop(
-                lambda i, _: i < length, body, (tf.constant(1), carry), maximum_iterations=length - 1
+                lambda i, _: i < length,
+                body,
+                (tf.constant(1), carry),
+                maximum_iterations=length - 1,
             )
             return carry, None
         ys = tf.nest.flatten(y)
@@ -142,10 +148,17 @@ class TensorFlowBackend(Backend):
 
         def body(i, carry, outs):
             carry, y = step(carry, tuple(t.read(i) for t in inputs))
-            return i + 1, carry, [o.write(i, a) for o, a in zip(outs, tf.nest.flatten(y))]
+            return (
+                i + 1,
+                carry,
+                [o.write(i, a) for o, a in zip(outs, tf.nest.flatten(y), strict=True)],
+            )
 
         _, carry, outs = tf.while_loop(
-            lambda i, *_: i < length, body, (tf.constant(1), carry, outs), maximum_iterations=length - 1
+            lambda i, *_: i < length,
+            body,
+            (tf.constant(1), carry, outs),
+            maximum_iterations=length - 1,
         )
         return carry, tf.nest.pack_sequence_as(y, [o.stack() for o in outs])
 
@@ -157,7 +170,7 @@ class TensorFlowBackend(Backend):
 
             def on_tensors(*tensors):
                 full = list(args)
-                for i, t in zip(where, tensors):
+                for i, t in zip(where, tensors, strict=True):
                     full[i] = t
                 return fn(*full)
 
@@ -191,14 +204,20 @@ class TensorFlowBackend(Backend):
 
     def vjp(self, fn, *primals):
         primals = [tf.identity(p) for p in primals]
-        with tf.GradientTape(persistent=True) as tape:
+        with tf.GradientTape() as tape:
             for p in primals:
                 tape.watch(p)
             out = fn(*primals)
 
         def vjp_fn(d_out):
-            return tuple(tape.gradient(out, primals, output_gradients=d_out,
-                                       unconnected_gradients=tf.UnconnectedGradients.ZERO))
+            return tuple(
+                tape.gradient(
+                    out,
+                    primals,
+                    output_gradients=d_out,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+            )
 
         return out, vjp_fn
 

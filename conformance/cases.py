@@ -60,8 +60,13 @@ class Case:
 
     def kwargs(self) -> dict:
         """Keyword arguments of ``uniattn.attention`` (bias and mask not included)."""
-        return dict(causal=self.causal, scale=self.scale, layout=self.layout,
-                    query_chunk_size=self.chunks[0], key_chunk_size=self.chunks[1])
+        return dict(
+            causal=self.causal,
+            scale=self.scale,
+            layout=self.layout,
+            query_chunk_size=self.chunks[0],
+            key_chunk_size=self.chunks[1],
+        )
 
     def with_(self, **changes) -> Case:
         return replace(self, **changes)
@@ -124,21 +129,62 @@ _CASES = [
     Case("mask-broadcast", 40, 50, mask=(40, 50), masked_rows=(3, 39)),
     Case("mask-keys-only", 40, 50, mask=(2, 1, 1, 50)),
     Case("mask-all-off", 20, 30, mask=(20, 30), masked_rows=tuple(range(20))),
-    Case("mask-and-bias-causal", 40, 40, heads=2, causal=True, bias=(2, 40, 40),
-         mask=(2, 1, 40, 40), masked_rows=(5,), chunks=(16, 8)),
+    Case(
+        "mask-and-bias-causal",
+        40,
+        40,
+        heads=2,
+        causal=True,
+        bias=(2, 40, 40),
+        mask=(2, 1, 40, 40),
+        masked_rows=(5,),
+        chunks=(16, 8),
+    ),
     Case("layout-bhtd", 40, 50, layout="BHTD", mask=(40, 50), masked_rows=(1,)),
-    Case("layout-bhtd-causal-bias", 33, 33, layout="BHTD", causal=True, bias=(2, 2, 33, 33),
-         chunks=(8, 8)),
-    Case("gqa", 40, 56, heads=8, kv_heads=2, causal=True, bias=(8, 40, 56), chunks=(16, 16),
-         dtypes=ALL_DTYPES),
-    Case("gqa-mask-bhtd", 30, 30, heads=6, kv_heads=3, layout="BHTD", mask=(2, 6, 30, 30),
-         masked_rows=(2,)),
+    Case(
+        "layout-bhtd-causal-bias",
+        33,
+        33,
+        layout="BHTD",
+        causal=True,
+        bias=(2, 2, 33, 33),
+        chunks=(8, 8),
+    ),
+    Case(
+        "gqa",
+        40,
+        56,
+        heads=8,
+        kv_heads=2,
+        causal=True,
+        bias=(8, 40, 56),
+        chunks=(16, 16),
+        dtypes=ALL_DTYPES,
+    ),
+    Case(
+        "gqa-mask-bhtd",
+        30,
+        30,
+        heads=6,
+        kv_heads=3,
+        layout="BHTD",
+        mask=(2, 6, 30, 30),
+        masked_rows=(2,),
+    ),
     Case("mqa", 30, 45, heads=4, kv_heads=1, chunks=(8, 8)),
     Case("decode", 1, 100, heads=4, kv_heads=2, causal=True, chunks=(1, 32)),
     Case("scale", 30, 30, scale=0.05),
     Case("huge-logits", 32, 48, logit_gain=1e3, integer_qk=True, scale=0.125, chunks=(8, 8)),
-    Case("huge-logits-causal", 32, 48, logit_gain=1e3, integer_qk=True, scale=0.125,
-         causal=True, chunks=(8, 8)),
+    Case(
+        "huge-logits-causal",
+        32,
+        48,
+        logit_gain=1e3,
+        integer_qk=True,
+        scale=0.125,
+        causal=True,
+        chunks=(8, 8),
+    ),
 ]
 CASES: dict[str, Case] = {c.name: c for c in _CASES}
 assert len(CASES) == len(_CASES), "case names must be unique"

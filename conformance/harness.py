@@ -34,30 +34,49 @@ class Prepared:
     def call(self, *primals, **overrides):
         """``uniattn.attention`` on this case (primals replace query, key, value[, bias])."""
         arrays = dict(self.arrays)
-        for name, x in zip(DIFFERENTIABLE, primals):
+        for name, x in zip(DIFFERENTIABLE, primals, strict=False):  # bias is optional
             arrays[name] = x
         kwargs = {**self.case.kwargs(), **overrides}
-        return uniattn.attention(arrays["query"], arrays["key"], arrays["value"],
-                                 bias=arrays["bias"], mask=arrays["mask"], **kwargs)
+        return uniattn.attention(
+            arrays["query"],
+            arrays["key"],
+            arrays["value"],
+            bias=arrays["bias"],
+            mask=arrays["mask"],
+            **kwargs,
+        )
 
     def reference_output(self):
         r = self.rounded
-        return reference.attention(r["query"], r["key"], r["value"], bias=r["bias"],
-                                   mask=r["mask"], **_reference_kwargs(self.case))
+        return reference.attention(
+            r["query"],
+            r["key"],
+            r["value"],
+            bias=r["bias"],
+            mask=r["mask"],
+            **_reference_kwargs(self.case),
+        )
 
     def reference_gradients(self) -> dict:
         r = self.rounded
-        g = reference.vjp(r["query"], r["key"], r["value"], r["d_out"], bias=r["bias"],
-                          mask=r["mask"], **_reference_kwargs(self.case))
+        g = reference.vjp(
+            r["query"],
+            r["key"],
+            r["value"],
+            r["d_out"],
+            bias=r["bias"],
+            mask=r["mask"],
+            **_reference_kwargs(self.case),
+        )
         grads = {"query": g.dq, "key": g.dk, "value": g.dv, "bias": g.d_bias}
         return {n: grads[n] for n in DIFFERENTIABLE if self.arrays[n] is not None}
 
     def gradients(self, **overrides) -> dict:
         """Gradients by the backend's autodiff, as float64 NumPy arrays."""
-        out, vjp_fn = self.backend.vjp(lambda *p: self.call(*p, **overrides), *self.primals())
+        _out, vjp_fn = self.backend.vjp(lambda *p: self.call(*p, **overrides), *self.primals())
         grads = vjp_fn(self.arrays["d_out"])
         names = [n for n in DIFFERENTIABLE if self.arrays[n] is not None]
-        return {n: self.backend.to_numpy(g) for n, g in zip(names, grads)}
+        return {n: self.backend.to_numpy(g) for n, g in zip(names, grads, strict=True)}
 
 
 def prepare(backend, case: Case, dtype: str) -> Prepared:

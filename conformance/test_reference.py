@@ -24,5 +24,12 @@ def test_gradients_autodiff(backend, case, dtype):
     assert actual.keys() == expected.keys()
     scale = gradient_scale(expected.values())
     for name in expected:
-        assert_close(actual[name], expected[name], dtype, kind="gradient", scale=scale,
-                     what=f"d_{name} (backward='autodiff')", repro=p.repro)
+        assert_close(
+            actual[name],
+            expected[name],
+            dtype,
+            kind="gradient",
+            scale=scale,
+            what=f"d_{name} (backward='autodiff')",
+            repro=p.repro,
+        )

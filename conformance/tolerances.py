@@ -54,8 +54,16 @@ def gradient_scale(gradients) -> float:
     return max(float(np.max(np.abs(g), initial=0.0)) for g in gradients)
 
 
-def assert_close(actual, expected, dtype: str, *, what: str, kind: str = "forward",
-                 scale: float | None = None, repro: str = ""):
+def assert_close(
+    actual,
+    expected,
+    dtype: str,
+    *,
+    what: str,
+    kind: str = "forward",
+    scale: float | None = None,
+    repro: str = "",
+):
     """Assert that ``actual`` matches ``expected`` within ``TOLERANCES[dtype]``."""
     tol = getattr(TOLERANCES[dtype], kind)
     err = relative_error(actual, expected, scale)

@@ -80,8 +80,17 @@ def attention(
         by ``kv_heads``, a bad ``backward``.
     """
     call = _prepare(
-        query, key, value, bias=bias, mask=mask, causal=causal, scale=scale, layout=layout,
-        query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, backward=backward,
+        query,
+        key,
+        value,
+        bias=bias,
+        mask=mask,
+        causal=causal,
+        scale=scale,
+        layout=layout,
+        query_chunk_size=query_chunk_size,
+        key_chunk_size=key_chunk_size,
+        backward=backward,
     )
     with call.backend.device_scope(call.arrays[0]):
         out, _ = _staged_forward(call.backend, call.options)(*call.arrays)
@@ -111,8 +120,20 @@ class _Call:
         return _swap_length_and_heads(xp, out) if self.layout == "BTHD" else out
 
 
-def _prepare(query, key, value, *, bias, mask, causal, scale, layout, query_chunk_size,
-             key_chunk_size, backward) -> _Call:
+def _prepare(
+    query,
+    key,
+    value,
+    *,
+    bias,
+    mask,
+    causal,
+    scale,
+    layout,
+    query_chunk_size,
+    key_chunk_size,
+    backward,
+) -> _Call:
     backend = backend_of(query=query, key=key, value=value, bias=bias, mask=mask)
     query, key, value = (backend.prepare(x) for x in (query, key, value))
     bias, mask = (None if x is None else backend.prepare(x) for x in (bias, mask))
@@ -129,8 +150,9 @@ def _prepare(query, key, value, *, bias, mask, causal, scale, layout, query_chun
     q_chunk = _check_chunk("query_chunk_size", query_chunk_size, default_q_chunk)
     k_chunk = _check_chunk("key_chunk_size", key_chunk_size, default_k_chunk)
 
-    q_shape, k_shape, v_shape = (_static_shape(n, x) for n, x in
-                                 (("query", query), ("key", key), ("value", value)))
+    q_shape, k_shape, v_shape = (
+        _static_shape(n, x) for n, x in (("query", query), ("key", key), ("value", value))
+    )
     dtype = _check_float("query", backend, query)
     for name, x in (("key", key), ("value", value)):
         if _check_float(name, backend, x) != dtype:
@@ -154,7 +176,7 @@ def _prepare(query, key, value, *, bias, mask, causal, scale, layout, query_chun
     batch = q_shape[:-3]
     q_len, heads, d_k = _unpack(q_shape, layout)
     kv_len, kv_heads, d_k_key = _unpack(k_shape, layout)
-    v_len, v_heads, d_v = _unpack(v_shape, layout)
+    v_len, v_heads, _d_v = _unpack(v_shape, layout)
     kv_axes = axes.format(t="kv_len", h="kv_heads", d="d_k")
     if d_k_key != d_k:
         raise ValueError(
@@ -220,7 +242,7 @@ def _canonical_score_operand(name, x, target, kv_heads, groups, xp):
         return None
     shape = _static_shape(name, x)
     broadcastable = len(shape) <= len(target) and all(
-        s in (1, t) for s, t in zip(reversed(shape), reversed(target))
+        s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False)
     )
     if not broadcastable:
         raise ValueError(

@@ -101,7 +101,9 @@ def forward(backend: Any, q, k, v, bias, mask, options: Options):
         carry, _ = backend.scan(step, (m, l, acc), xs, k_starts.shape[0])
         if k_tail is not None:
             bias_t, mask_t = _tail_of(extras)
-            carry = update(*carry, q_blk, k_tail, v_tail, bias_t, mask_t, q_start, k_starts.shape[0] * ck)
+            carry = update(
+                *carry, q_blk, k_tail, v_tail, bias_t, mask_t, q_start, k_starts.shape[0] * ck
+            )
         m, l, acc = carry
         seen = l != 0.0
         l_safe = xp.where(seen, l, 1.0)

@@ -23,20 +23,31 @@ class Gradients:
     d_bias: np.ndarray | None
 
 
-def attention(query, key, value, *, bias=None, mask=None, causal=False, scale=None,
-              layout="BTHD", return_lse=False):
+def attention(
+    query,
+    key,
+    value,
+    *,
+    bias=None,
+    mask=None,
+    causal=False,
+    scale=None,
+    layout="BTHD",
+    return_lse=False,
+):
     """Reference output in float64 (and the logsumexp ``[*batch, heads, q_len]``)."""
-    out, probs, lse = _forward(query, key, value, bias, mask, causal, scale, layout)
+    out, _probs, lse = _forward(query, key, value, bias, mask, causal, scale, layout)
     out = _from_bhtd(out, layout)
     return (out, lse) if return_lse else out
 
 
-def vjp(query, key, value, d_out, *, bias=None, mask=None, causal=False, scale=None,
-        layout="BTHD") -> Gradients:
+def vjp(
+    query, key, value, d_out, *, bias=None, mask=None, causal=False, scale=None, layout="BTHD"
+) -> Gradients:
     """Reference gradients of ``sum(attention(...) * d_out)``, in float64."""
     q, k, v, groups = _to_bhtd(query, key, value, layout)
     s_scale = _scale(scale, q.shape[-1])
-    out, p, _ = _forward(query, key, value, bias, mask, causal, scale, layout)
+    _out, p, _ = _forward(query, key, value, bias, mask, causal, scale, layout)
     d_o = _from_bhtd(np.asarray(d_out, np.float64), layout)  # the swap is its own inverse
     k_rep, v_rep = np.repeat(k, groups, axis=-3), np.repeat(v, groups, axis=-3)
     dv = _sum_groups(np.swapaxes(p, -1, -2) @ d_o, groups)

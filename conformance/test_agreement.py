@@ -1,0 +1,59 @@
+"""The same inputs through every selected backend give the same results."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from uniattn import backends
+
+from .cases import CASES
+from .harness import prepare
+from .tolerances import assert_close, gradient_scale
+
+AGREEMENT_CASES = [
+    "non-divisible",
+    "causal-q-longer",
+    "mask-and-bias-causal",
+    "gqa-mask-bhtd",
+    "decode",
+]
+
+
+@pytest.fixture(scope="module")
+def selected(request):
+    chosen = [backends.load(n) for n in request.config.uniattn_backends]
+    if len(chosen) < 2:
+        pytest.skip("agreement needs at least two backends (select more with --backend)")
+    return chosen
+
+
+@pytest.mark.parametrize("name", AGREEMENT_CASES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_backends_agree_forward(selected, name, dtype):
+    outs = {}
+    for b in selected:
+        p = prepare(b, CASES[name], dtype)
+        outs[b.name] = b.to_numpy(p.call(*p.primals()))
+    for (a, x), (b, y) in itertools.combinations(outs.items(), 2):
+        assert_close(x, y, dtype, what=f"{a} vs {b} output on {name!r}")
+
+
+@pytest.mark.parametrize("name", AGREEMENT_CASES)
+def test_backends_agree_gradients(selected, name):
+    grads = {}
+    for b in selected:
+        if b.has_autodiff:
+            grads[b.name] = prepare(b, CASES[name], "float32").gradients()
+    for (a, x), (b, y) in itertools.combinations(grads.items(), 2):
+        scale = gradient_scale(x.values())
+        for arg in x:
+            assert_close(
+                y[arg],
+                x[arg],
+                "float32",
+                kind="gradient",
+                scale=scale,
+                what=f"{a} vs {b} d_{arg} on {name!r}",
+            )

@@ -1,0 +1,78 @@
+"""Compiled execution (jax.jit, tf.function(jit_compile=True), torch.compile) equals eager."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import uniattn
+
+from .cases import CASES
+from .harness import prepare
+from .tolerances import assert_close, gradient_scale
+
+COMPILED_CASES = ["non-divisible", "mask-and-bias-causal", "gqa"]
+
+
+def _needs_compiler(backend):
+    if backend.name == "numpy":
+        pytest.skip("NumPy has no compiler")
+
+
+@pytest.mark.parametrize("name", COMPILED_CASES)
+def test_compiled_forward_equals_eager(backend, name):
+    _needs_compiler(backend)
+    p = prepare(backend, CASES[name], "float32")
+    eager = backend.to_numpy(p.call(*p.primals()))
+    compiled = backend.to_numpy(backend.jit(p.call)(*p.primals()))
+    assert_close(compiled, eager, "float32", what="compiled vs eager output", repro=p.repro)
+    assert_close(compiled, p.reference_output(), "float32", what="compiled output", repro=p.repro)
+
+
+def _check_gradients(p, grads, what):
+    expected = list(p.reference_gradients().values())
+    scale = gradient_scale(expected)
+    for g, e in zip(grads, expected, strict=True):
+        assert_close(
+            p.backend.to_numpy(g),
+            e,
+            "float32",
+            kind="gradient",
+            scale=scale,
+            what=what,
+            repro=p.repro,
+        )
+
+
+@pytest.mark.needs_autodiff
+def test_compiled_gradient_step(backend):
+    """A whole gradient step (forward and vjp) compiled at once."""
+    p = prepare(backend, CASES["mask-and-bias-causal"], "float32")
+    step = backend.jit(lambda d_out, *primals: backend.vjp(p.call, *primals)[1](d_out))
+    _check_gradients(p, step(p.arrays["d_out"], *p.primals()), "gradient of a compiled step")
+
+
+@pytest.mark.needs_autodiff
+def test_gradient_through_compiled_function(backend):
+    """Eager autodiff through a compiled forward (torch.compile's AOTAutograd, jax.jit)."""
+    p = prepare(backend, CASES["mask-and-bias-causal"], "float32")
+    _, vjp_fn = backend.vjp(backend.jit(p.call), *p.primals())
+    _check_gradients(p, vjp_fn(p.arrays["d_out"]), "gradient through a compiled forward")
+
+
+def test_jax_vmap(backend):
+    """jax.vmap over a leading axis equals the batched call."""
+    if backend.name != "jax":
+        pytest.skip("jax.vmap is JAX's")
+    import jax
+
+    p = prepare(backend, CASES["mask-and-bias-causal"], "float32")
+    q, k, v, bias = p.primals()
+    mapped = jax.vmap(
+        lambda q, k, v, b, m: uniattn.attention(
+            q, k, v, bias=b, mask=m, causal=True, query_chunk_size=16, key_chunk_size=8
+        ),
+        in_axes=(0, 0, 0, None, 0),  # the bias is [heads, q_len, kv_len]: no batch axis
+    )
+    out = mapped(q, k, v, bias, p.arrays["mask"])
+    np.testing.assert_allclose(np.asarray(out), p.reference_output(), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,178 @@
+"""Bad input raises TypeError/ValueError naming the argument and the shapes or types."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import uniattn
+
+
+def arrays(q_shape=(2, 10, 4, 8), kv_shape=(2, 12, 2, 8), dtype=np.float32):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal(q_shape).astype(dtype)
+    k = rng.standard_normal(kv_shape).astype(dtype)
+    return q, k, k.copy()
+
+
+def raises(exc, *patterns):
+    """pytest.raises that also checks every pattern occurs in the message."""
+
+    class Check:
+        def __enter__(self):
+            self.ctx = pytest.raises(exc)
+            self.info = self.ctx.__enter__()
+            return self.info
+
+        def __exit__(self, *args):
+            suppressed = self.ctx.__exit__(*args)
+            message = str(self.info.value)
+            for pattern in patterns:
+                assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
+            return suppressed
+
+    return Check()
+
+
+def test_unsupported_array_type():
+    q, k, v = arrays()
+    with raises(TypeError, "query", "list"):
+        uniattn.attention(q.tolist(), k, v)
+    with raises(TypeError, "bias", "str"):
+        uniattn.attention(q, k, v, bias="nope")
+
+
+def test_arrays_of_two_frameworks():
+    torch = pytest.importorskip("torch", reason="needs a second framework")
+    q, k, v = arrays()
+    with raises(TypeError, "one framework", r"query is a numpy", r"key is a torch", "Tensor"):
+        uniattn.attention(q, torch.from_numpy(k), v)
+    with raises(TypeError, "one framework", r"mask is a torch"):
+        uniattn.attention(q, k, v, mask=torch.ones(10, 12, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.complex64])
+def test_non_float_dtype(dtype):
+    q, k, v = arrays()
+    with raises(TypeError, "query", "floating", np.dtype(dtype).name):
+        uniattn.attention(q.astype(dtype), k, v)
+
+
+def test_mismatched_dtypes():
+    q, k, v = arrays()
+    with raises(TypeError, "share a dtype", "query is float32", "value is float64"):
+        uniattn.attention(q, k, v.astype(np.float64))
+
+
+def test_mask_must_be_bool():
+    q, k, v = arrays()
+    with raises(TypeError, "mask", "bool", "float32"):
+        uniattn.attention(q, k, v, mask=np.ones((10, 12), np.float32))
+
+
+def test_bias_must_be_float():
+    q, k, v = arrays()
+    with raises(TypeError, "bias", "floating", "int64"):
+        uniattn.attention(q, k, v, bias=np.ones((10, 12), np.int64))
+
+
+def test_unsupported_dtype_of_backend():
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="needs a NumPy bfloat16 dtype")
+    q, k, v = (x.astype(ml_dtypes.bfloat16) for x in arrays())
+    with raises(TypeError, "query", "bfloat16", "numpy backend"):
+        uniattn.attention(q, k, v)
+
+
+@pytest.mark.parametrize("layout", ["BTDH", "bthd", None, 3])
+def test_bad_layout(layout):
+    with raises(ValueError, "layout", "BTHD", "BHTD", re.escape(repr(layout))):
+        uniattn.attention(*arrays(), layout=layout)
+
+
+def test_too_few_axes():
+    q, k, v = arrays()
+    with raises(ValueError, "query", r"at least 3", r"\(10, 8\)"):
+        uniattn.attention(q[0, :, 0], k, v)
+
+
+def test_batch_axes_differ():
+    q, k, v = arrays()
+    with raises(ValueError, "batch", r"\(2, 10, 4, 8\)", r"key has shape \(3, 12, 2, 8\)"):
+        uniattn.attention(q, np.concatenate([k, k[:1]]), v)
+    with raises(ValueError, "batch", r"value has shape \(12, 2, 8\)"):
+        uniattn.attention(q, k, v[0])
+
+
+def test_head_dims_differ():
+    q, k, v = arrays()
+    with raises(ValueError, "key", "d_k = 8", "d_k = 4", r"\(2, 12, 2, 4\)"):
+        uniattn.attention(q, k[..., :4], v)
+
+
+def test_key_value_lengths_differ():
+    q, k, v = arrays()
+    with raises(ValueError, "value", "kv_len = 12", r"\(2, 11, 2, 8\)"):
+        uniattn.attention(q, k, v[:, :11])
+
+
+def test_heads_not_divisible():
+    q, k, v = arrays(q_shape=(2, 10, 3, 8))
+    with raises(ValueError, "multiple", "3 heads", "has 2", r"\(2, 12, 2, 8\)"):
+        uniattn.attention(q, k, v)
+
+
+def test_layout_is_used_for_shapes():
+    """The same arrays are valid in one layout and not in the other."""
+    q, k, v = arrays(q_shape=(2, 4, 10, 8), kv_shape=(2, 2, 12, 8))
+    assert uniattn.attention(q, k, v, layout="BHTD").shape == (2, 4, 10, 8)
+    with raises(ValueError, "multiple", "10 heads", "has 12"):
+        uniattn.attention(q, k, v, layout="BTHD")
+
+
+@pytest.mark.parametrize("name", ["bias", "mask"])
+@pytest.mark.parametrize("shape", [(10, 13), (3, 10, 12), (1, 2, 4, 10, 12), (5, 1, 1, 12)])
+def test_score_operand_not_broadcastable(name, shape):
+    q, k, v = arrays()
+    x = np.zeros(shape, bool if name == "mask" else np.float32)
+    with raises(
+        ValueError, name, "broadcastable", re.escape(str((2, 4, 10, 12))), re.escape(str(shape))
+    ):
+        uniattn.attention(q, k, v, **{name: x})
+
+
+@pytest.mark.parametrize("name", ["query_chunk_size", "key_chunk_size"])
+@pytest.mark.parametrize("value", [0, -3, 2.5, "8", True])
+def test_bad_chunk_size(name, value):
+    with raises(ValueError, name, "positive integer", re.escape(repr(value))):
+        uniattn.attention(*arrays(), **{name: value})
+
+
+def test_chunk_size_accepts_numpy_integers():
+    out = uniattn.attention(*arrays(), query_chunk_size=np.int64(3), key_chunk_size=np.int32(5))
+    assert out.shape == (2, 10, 4, 8)
+
+
+@pytest.mark.parametrize("value", [1, "yes", None, np.ones(1)])
+def test_causal_must_be_bool(value):
+    with raises(TypeError, "causal", "bool"):
+        uniattn.attention(*arrays(), causal=value)
+
+
+def test_bad_scale():
+    with raises(TypeError, "scale", "real number", "str"):
+        uniattn.attention(*arrays(), scale="1")
+    with raises(ValueError, "scale", "finite", "nan"):
+        uniattn.attention(*arrays(), scale=float("nan"))
+
+
+def test_bad_backward_mode():
+    with raises(ValueError, "backward", "autodiff", "'manual'"):
+        uniattn.attention(*arrays(), backward="manual")
+
+
+def test_keyword_only_options():
+    q, k, v = arrays()
+    with pytest.raises(TypeError):
+        uniattn.attention(q, k, v, None)  # bias must be passed by name

@@ -1,0 +1,85 @@
+"""Time and peak memory of attention implementations, measured the same way for all.
+
+Memory is the peak resident set size (``VmHWM``) above the resident size just before
+the call, in a fresh process per backend, with glibc's dynamic mmap threshold pinned so
+freed buffers go back to the OS. The peak is reset (``/proc/self/clear_refs``) before
+each measured call, after a warm-up call of the same shape (compilation, kernel
+loading). It includes the output, which is O(n·d).
+
+Run as ``python -m uniattn._measure BACKEND N`` to print one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def median_time(fn, block, repeats: int = 3) -> float:
+    """Median wall time in seconds of ``block(fn())`` over ``repeats`` calls after a warm-up."""
+    block(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        block(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _status(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) * 1024
+
+
+def peak_bytes_above_baseline(fn, block) -> int:
+    """Peak RSS of ``block(fn())`` above the RSS before it (after one warm-up call)."""
+    block(fn())
+    baseline = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    block(fn())
+    return max(0, _status("VmHWM") - baseline)
+
+
+def memory_in_subprocess(backend: str, n: int, timeout: float = 300) -> dict | None:
+    """``{"uniattn": bytes, "plain": bytes}`` at length ``n`` (1 head, d=64, float32), or
+    None where peak RSS cannot be measured (not Linux)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-m", "uniattn._measure", backend, str(n)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _worker(name: str, n: int) -> dict:
+    import numpy as np
+
+    import uniattn
+    from uniattn import backends
+    from uniattn._plain import plain_attention
+
+    backend = backends.load(name)
+    rng = np.random.default_rng(0)
+    q, k, v = (backend.asarray(rng.standard_normal((1, n, 1, 64)), "float32") for _ in range(3))
+    return {
+        "uniattn": peak_bytes_above_baseline(lambda: uniattn.attention(q, k, v), backend.block),
+        "plain": peak_bytes_above_baseline(
+            lambda: plain_attention(backend, q, k, v), backend.block
+        ),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(_worker(sys.argv[1], int(sys.argv[2]))))
