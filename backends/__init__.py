@@ -64,7 +64,7 @@ def python_scan(step: Callable, init: Any, slices: Sequence, length: int, stack:
     if not ys or ys[0] is None:
         return carry, None
     if isinstance(ys[0], tuple):
-        return carry, tuple(stack(list(parts)) for parts in zip(*ys, strict=True))
+        return carry, tuple(None if p[0] is None else stack(list(p)) for p in zip(*ys, strict=True))
     return carry, stack(ys)
 
 
@@ -134,10 +134,10 @@ class Backend:
     ) -> tuple[Any, Any]:
         """``lax.scan``: ``step(carry, x_i) -> (carry, y_i)`` over the leading axis of ``xs``.
 
-        ``carry`` is a tuple of arrays (possibly empty) whose shapes and dtypes do not
-        change; ``xs`` is a tuple of arrays of leading size ``length``; ``y_i`` is None,
-        an array or a tuple of arrays. Returns the final carry and the ``y_i`` stacked
-        on a new leading axis, with the structure of ``y_i``.
+        ``carry`` is a tuple of arrays and Nones (possibly empty) whose shapes and dtypes
+        do not change; ``xs`` is a tuple of arrays of leading size ``length``; ``y_i`` is
+        None, an array or a tuple of arrays and Nones. Returns the final carry and the
+        ``y_i`` stacked on a new leading axis, with the structure of ``y_i``.
         """
         raise NotImplementedError
 

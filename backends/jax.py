@@ -50,11 +50,7 @@ class JaxBackend(Backend):
         return np.array(x, copy=True)
 
     def vjp(self, fn, *primals):
-        # An eager pullback dispatches (and compiles) each transposed scan on its own;
-        # one jitted pullback compiles once.
-        out = jax.jit(fn)(*primals)
-        pullback = jax.jit(lambda primals, d_out: jax.vjp(fn, *primals)[1](d_out))
-        return out, lambda d_out: pullback(primals, d_out)
+        return jax.vjp(fn, *primals)
 
     def jit(self, fn):
         return jax.jit(fn)

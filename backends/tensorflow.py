@@ -95,6 +95,19 @@ class Namespace:
         return tf.math.log(x)
 
 
+def _leaves(tree):
+    """The arrays of a (nested) structure, Nones left out."""
+    return [a for a in tf.nest.flatten(tree) if a is not None]
+
+
+def _rebuild(tree, leaves):
+    """``tree`` with its array leaves replaced by ``leaves`` (Nones stay None)."""
+    it = iter(leaves)
+    return tf.nest.pack_sequence_as(
+        tree, [None if a is None else next(it) for a in tf.nest.flatten(tree)]
+    )
+
+
 def _is_float_tensor(x):
     return isinstance(x, (tf.Tensor, tf.Variable)) and x.dtype.is_floating
 
@@ -126,41 +139,31 @@ class TensorFlowBackend(Backend):
         if length == 0:
             return init, None
         # Graph mode: peel step 0 to learn the structure of y, then a tf.while_loop over
-        # TensorArrays (whose gradients stack, like lax.scan's).
+        # TensorArrays (whose gradients stack, like lax.scan's). None leaves stay outside.
         inputs = [tf.TensorArray(x.dtype, size=length).unstack(x) for x in xs]
         carry, y = step(init, tuple(t.read(0) for t in inputs))
         if length == 1:  # XLA rejects the gradient of a while loop of 0 iterations
-            return carry, None if y is None else tf.nest.map_structure(lambda a: a[None], y)
-        if y is None:
+            return carry, _rebuild(y, [a[None] for a in _leaves(y)])
+        outs = [
+            tf.TensorArray(a.dtype, size=length, element_shape=a.shape).write(0, a)
+            for a in _leaves(y)
+        ]
 
-            def body(i, carry):
-                return i + 1, step(carry, tuple(t.read(i) for t in inputs))[0]
-
-            _, carry = tf.while_loop(
-                lambda i, _: i < length,
-                body,
-                (tf.constant(1), carry),
-                maximum_iterations=length - 1,
-            )
-            return carry, None
-        ys = tf.nest.flatten(y)
-        outs = [tf.TensorArray(a.dtype, size=length, element_shape=a.shape).write(0, a) for a in ys]
-
-        def body(i, carry, outs):
-            carry, y = step(carry, tuple(t.read(i) for t in inputs))
+        def body(i, carry_leaves, outs):
+            c, y_i = step(_rebuild(carry, carry_leaves), tuple(t.read(i) for t in inputs))
             return (
                 i + 1,
-                carry,
-                [o.write(i, a) for o, a in zip(outs, tf.nest.flatten(y), strict=True)],
+                _leaves(c),
+                [o.write(i, a) for o, a in zip(outs, _leaves(y_i), strict=True)],
             )
 
-        _, carry, outs = tf.while_loop(
+        _, carry_leaves, outs = tf.while_loop(
             lambda i, *_: i < length,
             body,
-            (tf.constant(1), carry, outs),
+            (tf.constant(1), _leaves(carry), outs),
             maximum_iterations=length - 1,
         )
-        return carry, tf.nest.pack_sequence_as(y, [o.stack() for o in outs])
+        return _rebuild(carry, carry_leaves), _rebuild(y, [o.stack() for o in outs])
 
     def remat(self, fn):
         # tf.recompute_grad differentiates its float tensor arguments only; everything

@@ -16,6 +16,26 @@ def _needs_grad(args):
     )
 
 
+def _flatten(tree):
+    """Leaves and structure of nested tuples and lists."""
+    if isinstance(tree, (tuple, list)):
+        parts = [_flatten(x) for x in tree]
+        return [leaf for leaves, _ in parts for leaf in leaves], (type(tree), [s for _, s in parts])
+    return [tree], None
+
+
+def _unflatten(structure, leaves):
+    it = iter(leaves)
+
+    def build(s):
+        if s is None:
+            return next(it)
+        kind, children = s
+        return kind(build(c) for c in children)
+
+    return build(structure)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -55,12 +75,23 @@ class TorchBackend(Backend):
             @staticmethod
             def forward(ctx, *args):
                 out, residuals = fwd(*args)
-                ctx.residuals = residuals
+                # Tensors go through save_for_backward: keeping the outputs on ctx itself
+                # would make a reference cycle (output -> grad_fn -> ctx -> output).
+                leaves, ctx.structure = _flatten(residuals)
+                ctx.is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
+                ctx.others = [None if t else x for x, t in zip(leaves, ctx.is_tensor, strict=True)]
+                ctx.save_for_backward(*(x for x, t in zip(leaves, ctx.is_tensor, strict=True) if t))
                 return out
 
             @staticmethod
             def backward(ctx, *d_out):
-                return tuple(bwd(ctx.residuals, d_out[0] if len(d_out) == 1 else d_out))
+                tensors = iter(ctx.saved_tensors)
+                leaves = [
+                    next(tensors) if t else x
+                    for x, t in zip(ctx.others, ctx.is_tensor, strict=True)
+                ]
+                residuals = _unflatten(ctx.structure, leaves)
+                return tuple(bwd(residuals, d_out[0] if len(d_out) == 1 else d_out))
 
         return Function.apply
 

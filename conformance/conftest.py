@@ -59,8 +59,15 @@ def pytest_generate_tests(metafunc):
     if any(m.name == "needs_autodiff" for m in marks):
         loaded = [b for b in loaded if b.has_autodiff]
     if "case" in fixtures:
+        # One xdist group per (backend, case, dtype): its tests then share compilations.
         params = [
-            pytest.param(b, case, dtype, id=f"{b.name}-{case.name}-{dtype}")
+            pytest.param(
+                b,
+                case,
+                dtype,
+                id=f"{b.name}-{case.name}-{dtype}",
+                marks=pytest.mark.xdist_group(f"{b.name}-{case.name}-{dtype}"),
+            )
             for b in loaded
             for case in CASES.values()
             for dtype in case.dtypes

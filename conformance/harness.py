@@ -74,9 +74,22 @@ class Prepared:
     def gradients(self, **overrides) -> dict:
         """Gradients by the backend's autodiff, as float64 NumPy arrays."""
         _out, vjp_fn = self.backend.vjp(lambda *p: self.call(*p, **overrides), *self.primals())
-        grads = vjp_fn(self.arrays["d_out"])
+        return self._named(vjp_fn(self.arrays["d_out"]))
+
+    def vjp_gradients(self) -> dict:
+        """Gradients from ``uniattn.vjp`` (uniattn's own backward, every backend)."""
+        a = self.arrays
+        _out, vjp_fn = uniattn.vjp(
+            a["query"], a["key"], a["value"], bias=a["bias"], mask=a["mask"], **self.case.kwargs()
+        )
+        return self._named(vjp_fn(a["d_out"]))
+
+    def _named(self, grads) -> dict:
         names = [n for n in DIFFERENTIABLE if self.arrays[n] is not None]
-        return {n: self.backend.to_numpy(g) for n, g in zip(names, grads, strict=True)}
+        grads = {n: g for n, g in zip(names, grads, strict=True)}
+        for n, g in grads.items():
+            assert self.backend.dtype_name(g) == self.backend.dtype_name(self.arrays[n]), n
+        return {n: self.backend.to_numpy(g) for n, g in grads.items()}
 
 
 def prepare(backend, case: Case, dtype: str) -> Prepared:

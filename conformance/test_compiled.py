@@ -45,18 +45,24 @@ def _check_gradients(p, grads, what):
 
 
 @pytest.mark.needs_autodiff
-def test_compiled_gradient_step(backend):
+@pytest.mark.parametrize("mode", ["custom", "autodiff"])
+def test_compiled_gradient_step(backend, mode):
     """A whole gradient step (forward and vjp) compiled at once."""
     p = prepare(backend, CASES["mask-and-bias-causal"], "float32")
-    step = backend.jit(lambda d_out, *primals: backend.vjp(p.call, *primals)[1](d_out))
+
+    def call(*primals):
+        return p.call(*primals, backward=mode)
+
+    step = backend.jit(lambda d_out, *primals: backend.vjp(call, *primals)[1](d_out))
     _check_gradients(p, step(p.arrays["d_out"], *p.primals()), "gradient of a compiled step")
 
 
 @pytest.mark.needs_autodiff
-def test_gradient_through_compiled_function(backend):
+@pytest.mark.parametrize("mode", ["custom", "autodiff"])
+def test_gradient_through_compiled_function(backend, mode):
     """Eager autodiff through a compiled forward (torch.compile's AOTAutograd, jax.jit)."""
     p = prepare(backend, CASES["mask-and-bias-causal"], "float32")
-    _, vjp_fn = backend.vjp(backend.jit(p.call), *p.primals())
+    _, vjp_fn = backend.vjp(backend.jit(lambda *a: p.call(*a, backward=mode)), *p.primals())
     _check_gradients(p, vjp_fn(p.arrays["d_out"]), "gradient through a compiled forward")
 
 

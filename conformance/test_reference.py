@@ -16,20 +16,36 @@ def test_forward(backend, case, dtype):
     assert_close(backend.to_numpy(out), p.reference_output(), dtype, what="output", repro=p.repro)
 
 
-@pytest.mark.needs_autodiff
-def test_gradients_autodiff(backend, case, dtype):
-    p = prepare(backend, case, dtype)
-    expected = p.reference_gradients()
-    actual = p.gradients(backward="autodiff")
+def _check_gradients(p, actual, expected, how):
     assert actual.keys() == expected.keys()
     scale = gradient_scale(expected.values())
     for name in expected:
         assert_close(
             actual[name],
             expected[name],
-            dtype,
+            p.dtype,
             kind="gradient",
             scale=scale,
-            what=f"d_{name} (backward='autodiff')",
+            what=f"d_{name} ({how})",
             repro=p.repro,
         )
+
+
+def test_gradients_vjp(backend, case, dtype):
+    """uniattn.vjp: uniattn's own backward, on every backend (NumPy's only gradients)."""
+    p = prepare(backend, case, dtype)
+    _check_gradients(p, p.vjp_gradients(), p.reference_gradients(), "uniattn.vjp")
+
+
+@pytest.mark.needs_autodiff
+def test_gradients_framework(backend, case, dtype):
+    """The framework's autodiff with backward="custom" (the registered hook) and with
+    backward="autodiff" (through the rematerialised loops): each against the reference
+    and against each other."""
+    p = prepare(backend, case, dtype)
+    expected = p.reference_gradients()
+    custom = p.gradients(backward="custom")
+    autodiff = p.gradients(backward="autodiff")
+    _check_gradients(p, custom, expected, "backward='custom'")
+    _check_gradients(p, autodiff, expected, "backward='autodiff'")
+    _check_gradients(p, custom, autodiff, "'custom' against 'autodiff'")

@@ -6,10 +6,11 @@ marked ``xfail(strict=True)``, so it fails the suite the day it starts passing.
 
 XFAILS: dict[str, dict[str, str]] = {
     "tensorflow": {
-        "test_compiled.py::test_gradient_through_compiled_function": (
-            "TensorFlow cannot differentiate an XLA-compiled function with loops from eager "
-            "code ('Support for TensorList crossing the XLA/TF boundary is not implemented'); "
-            "compile the whole gradient step instead (test_compiled_gradient_step)"
+        "test_compiled.py::test_gradient_through_compiled_function[tensorflow-autodiff]": (
+            "TensorFlow cannot differentiate an XLA-compiled function whose gradient holds "
+            "loop accumulators (tf.recompute_grad in tf.while_loop) from eager code: 'Support "
+            "for TensorList crossing the XLA/TF boundary is not implemented'. "
+            "backward='custom' works; so does compiling the whole gradient step"
         ),
     },
 }

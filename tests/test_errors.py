@@ -154,10 +154,11 @@ def test_chunk_size_accepts_numpy_integers():
     assert out.shape == (2, 10, 4, 8)
 
 
+@pytest.mark.parametrize("name", ["causal", "return_lse"])
 @pytest.mark.parametrize("value", [1, "yes", None, np.ones(1)])
-def test_causal_must_be_bool(value):
-    with raises(TypeError, "causal", "bool"):
-        uniattn.attention(*arrays(), causal=value)
+def test_flags_must_be_bool(name, value):
+    with raises(TypeError, name, "bool"):
+        uniattn.attention(*arrays(), **{name: value})
 
 
 def test_bad_scale():
@@ -168,7 +169,7 @@ def test_bad_scale():
 
 
 def test_bad_backward_mode():
-    with raises(ValueError, "backward", "autodiff", "'manual'"):
+    with raises(ValueError, "backward", "custom", "autodiff", "'manual'"):
         uniattn.attention(*arrays(), backward="manual")
 
 

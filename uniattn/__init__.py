@@ -6,7 +6,7 @@
 Importing uniattn imports no framework; the backend is picked from the arrays' types.
 """
 
-from ._api import attention
+from ._api import attention, vjp
 
 __version__ = "0.1.0"
-__all__ = ["attention"]
+__all__ = ["attention", "vjp"]

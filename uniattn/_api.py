@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -13,8 +14,9 @@ from ._dispatch import backend_of, type_name
 from .backends import FLOAT_DTYPES, Backend
 
 Layout = Literal["BTHD", "BHTD"]
+Backward = Literal["custom", "autodiff"]
 LAYOUTS = ("BTHD", "BHTD")
-BACKWARD_MODES = ("autodiff",)
+BACKWARD_MODES = ("custom", "autodiff")
 
 
 def attention(
@@ -29,7 +31,8 @@ def attention(
     layout: Layout = "BTHD",
     query_chunk_size: int | None = None,
     key_chunk_size: int | None = None,
-    backward: Literal["autodiff"] = "autodiff",
+    backward: Backward = "custom",
+    return_lse: bool = False,
 ) -> Any:
     """Scaled dot-product attention in O(chunk) extra memory, on any framework's arrays.
 
@@ -61,20 +64,28 @@ def attention(
     query_chunk_size, key_chunk_size : int, optional
         Rows and columns of the score block computed at once; clipped to the lengths.
         None picks the backend's default.
-    backward : {"autodiff"}
-        "autodiff": the framework differentiates through the chunked loops, recomputing
-        each chunk's scores in the backward pass (rematerialisation).
+    backward : {"custom", "autodiff"}
+        How the framework differentiates the call. "custom" (default): the forward saves
+        only the output and the per-row logsumexp; the backward recomputes each chunk's
+        probabilities from them (FlashAttention-2), registered with the framework's
+        custom-gradient hook. First-order reverse mode only. "autodiff": the framework
+        differentiates through the chunked loops, rematerialising each chunk (the paper);
+        use it for forward-mode (``jax.jvp``) and higher-order derivatives.
+    return_lse : bool
+        Also return the logsumexp of each row's scores, shaped ``[*batch, heads, q_len]``,
+        float32 (float64 for float64 inputs), ``-inf`` for rows that attend no key.
+        Gradients flow through it too, so partial attentions can be merged.
 
     Returns
     -------
-    array, shape ``[*batch, q_len, heads, d_v]`` (layout "BTHD")
+    array, shape ``[*batch, q_len, heads, d_v]`` (layout "BTHD"), or ``(out, lse)``
         Same framework, dtype and device as the inputs. Rows that may attend no key are 0.
 
     Raises
     ------
     TypeError
         Arrays of different or unsupported frameworks, non-float or mismatched dtypes, a
-        non-bool mask, non-bool ``causal``.
+        non-bool mask, non-bool ``causal`` or ``return_lse``.
     ValueError
         Mismatched shapes, a bad layout, non-positive chunk sizes, ``heads`` not divisible
         by ``kv_heads``, a bad ``backward``.
@@ -91,15 +102,103 @@ def attention(
         query_chunk_size=query_chunk_size,
         key_chunk_size=key_chunk_size,
         backward=backward,
+        return_lse=return_lse,
     )
     with call.backend.device_scope(call.arrays[0]):
-        out, _ = _staged_forward(call.backend, call.options)(*call.arrays)
-        return call.restore_output(out)
+        if backward == "custom":
+            out, lse = _staged_custom(call.backend, call.options, *call.present)(*call.given)
+        else:
+            out, lse = _staged_forward(call.backend, call.options, remat=True)(*call.arrays)
+        return call.restore_result(out, lse)
+
+
+def vjp(
+    query: Any,
+    key: Any,
+    value: Any,
+    *,
+    bias: Any = None,
+    mask: Any = None,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: Layout = "BTHD",
+    query_chunk_size: int | None = None,
+    key_chunk_size: int | None = None,
+    backward: Backward = "custom",
+    return_lse: bool = False,
+) -> tuple[Any, Callable[[Any], tuple]]:
+    """Attention output and a function of the output cotangent returning the gradients.
+
+    Takes the arguments of :func:`attention`. ``vjp_fn(d_out)`` returns ``(dq, dk, dv)``,
+    plus ``d_bias`` when an array ``bias`` is given, each shaped and typed like its
+    input. With ``return_lse=True`` the output is ``(out, lse)`` and ``vjp_fn`` takes
+    ``(d_out, d_lse)``. With ``backward="custom"`` (default) the gradients come from
+    uniattn's own backward on every backend, NumPy included; with "autodiff" from the
+    framework's autodiff (not NumPy).
+
+    Examples
+    --------
+    >>> out, vjp_fn = uniattn.vjp(q, k, v, causal=True)  # doctest: +SKIP
+    >>> dq, dk, dv = vjp_fn(np.ones_like(out))  # doctest: +SKIP
+    """
+    options = dict(
+        mask=mask,
+        causal=causal,
+        scale=scale,
+        layout=layout,
+        query_chunk_size=query_chunk_size,
+        key_chunk_size=key_chunk_size,
+        return_lse=return_lse,
+    )
+    call = _prepare(query, key, value, bias=bias, backward=backward, **options)
+    backend = call.backend
+    if backward == "autodiff":
+        if not backend.has_autodiff:
+            raise ValueError(
+                f"backward='autodiff' needs a framework with autodiff; "
+                f"{backend.name} has none: use backward='custom'"
+            )
+        primals = (query, key, value) if bias is None else (query, key, value, bias)
+
+        def fn(q, k, v, b=None):
+            return attention(q, k, v, bias=b, backward="autodiff", **options)
+
+        return backend.vjp(fn, *primals)
+    with backend.device_scope(call.arrays[0]):
+        out, lse = _staged_forward(backend, call.options, remat=False)(*call.arrays)
+        result = call.restore_result(out, lse)
+
+    def vjp_fn(cotangent):
+        d_out, d_lse = cotangent if call.return_lse else (cotangent, None)
+        d_out, d_lse = call.canonical_cotangents(d_out, d_lse)
+        with backend.device_scope(call.arrays[0]):
+            grads = _staged_backward(backend, call.options)(*call.arrays, out, lse, d_out, d_lse)
+            return call.restore_gradients(grads)
+
+    return result, vjp_fn
 
 
 @functools.lru_cache(maxsize=256)
-def _staged_forward(backend: Backend, options: _chunked.Options):
-    return backend.stage(functools.partial(_chunked.forward, backend, options=options))
+def _staged_forward(backend: Backend, options: _chunked.Options, remat: bool):
+    return backend.stage(functools.partial(_chunked.forward, backend, options=options, remat=remat))
+
+
+@functools.lru_cache(maxsize=256)
+def _staged_backward(backend: Backend, options: _chunked.Options):
+    return backend.stage(functools.partial(_chunked.backward, backend, options=options))
+
+
+@functools.lru_cache(maxsize=256)
+def _staged_custom(backend: Backend, options: _chunked.Options, has_bias: bool, has_mask: bool):
+    # Not staged as a whole: the forward and backward it calls are, and are shared with
+    # uniattn.vjp (an eager JAX caller compiles each once per shape).
+    return _chunked.differentiable(
+        backend,
+        has_bias,
+        has_mask,
+        _staged_forward(backend, options, remat=False),
+        _staged_backward(backend, options),
+    )
 
 
 @dataclass(frozen=True)
@@ -111,13 +210,71 @@ class _Call:
     options: _chunked.Options
     batch: tuple[int, ...]
     heads: int
+    kv_heads: int
     layout: str
+    backward: str
+    return_lse: bool
+    bias_shape: tuple[int, ...] | None
 
-    def restore_output(self, out):
+    @property
+    def present(self) -> tuple[bool, bool]:
+        """Whether a bias and a mask were given."""
+        return self.arrays[3] is not None, self.arrays[4] is not None
+
+    @property
+    def given(self) -> tuple:
+        """q, k, v and the bias and mask that were given."""
+        return tuple(x for x in self.arrays if x is not None)
+
+    def _to_user(self, x, heads):
+        """``[*batch, kv_heads, g, len, dim] -> [*batch, heads, len, dim]`` in the user's layout."""
         xp = self.backend.namespace()
-        q_len, d_v = out.shape[-2], out.shape[-1]
-        out = xp.reshape(out, (*self.batch, self.heads, q_len, d_v))
-        return _swap_length_and_heads(xp, out) if self.layout == "BTHD" else out
+        x = xp.reshape(x, (*self.batch, heads, *x.shape[-2:]))
+        return _swap_length_and_heads(xp, x) if self.layout == "BTHD" else x
+
+    def restore_result(self, out, lse):
+        out = self._to_user(out, self.heads)
+        if not self.return_lse:
+            return out
+        xp = self.backend.namespace()
+        return out, xp.reshape(lse, (*self.batch, self.heads, lse.shape[-1]))
+
+    def restore_gradients(self, grads):
+        dq, dk, dv, d_bias = grads
+        result = (
+            self._to_user(dq, self.heads),
+            self._to_user(dk, self.kv_heads),
+            self._to_user(dv, self.kv_heads),
+        )
+        if d_bias is None:
+            return result
+        return (*result, self.backend.namespace().reshape(d_bias, self.bias_shape))
+
+    def canonical_cotangents(self, d_out, d_lse):
+        """Check the cotangents' shapes; put them in the canonical layout."""
+        backend, xp = self.backend, self.backend.namespace()
+        q = self.arrays[0]
+        expected = (*self.batch, self.heads, q.shape[-2], self.arrays[2].shape[-1])
+        if self.layout == "BTHD":
+            expected = (*self.batch, q.shape[-2], self.heads, expected[-1])
+        if backend_of(d_out=d_out) is not backend or tuple(d_out.shape) != expected:
+            raise ValueError(
+                f"d_out must be a {backend.name} array shaped like the output "
+                f"{expected}; got {type_name(d_out)} of shape {tuple(d_out.shape)}"
+            )
+        d_out = backend.prepare(d_out)
+        if self.layout == "BTHD":
+            d_out = _swap_length_and_heads(xp, d_out)
+        d_out = xp.reshape(d_out, q.shape[:-1] + d_out.shape[-1:])
+        if d_lse is None:
+            return d_out, None
+        lse_shape = (*self.batch, self.heads, q.shape[-2])
+        if backend_of(d_lse=d_lse) is not backend or tuple(d_lse.shape) != lse_shape:
+            raise ValueError(
+                f"d_lse must be a {backend.name} array shaped like lse {lse_shape}; "
+                f"got {type_name(d_lse)} of shape {tuple(d_lse.shape)}"
+            )
+        return d_out, xp.reshape(backend.prepare(d_lse), q.shape[:-1])
 
 
 def _prepare(
@@ -133,6 +290,7 @@ def _prepare(
     query_chunk_size,
     key_chunk_size,
     backward,
+    return_lse,
 ) -> _Call:
     backend = backend_of(query=query, key=key, value=value, bias=bias, mask=mask)
     query, key, value = (backend.prepare(x) for x in (query, key, value))
@@ -143,8 +301,9 @@ def _prepare(
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
     if backward not in BACKWARD_MODES:
         raise ValueError(f"backward must be one of {BACKWARD_MODES}; got {backward!r}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool; got {type_name(causal)}")
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool; got {type_name(flag)}")
     scale = _check_scale(scale)
     default_q_chunk, default_k_chunk = backend.default_chunks
     q_chunk = _check_chunk("query_chunk_size", query_chunk_size, default_q_chunk)
@@ -222,7 +381,10 @@ def _prepare(
         query_chunk_size=q_chunk,
         key_chunk_size=k_chunk,
     )
-    return _Call(backend, arrays, options, batch, heads, layout)
+    bias_shape = None if bias is None else tuple(bias.shape)
+    return _Call(
+        backend, arrays, options, batch, heads, kv_heads, layout, backward, return_lse, bias_shape
+    )
 
 
 def _unpack(shape, layout):

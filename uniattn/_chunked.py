@@ -7,14 +7,23 @@ Arrays arrive in the canonical layout prepared by :mod:`uniattn._api`::
     v            [*batch, kv_heads, 1,      kv_len, d_v]
     bias, mask   same rank as q; every axis either full or 1 (broadcast)
 
-The outer loop runs over query chunks, the inner loop over key chunks. The inner loop
-carries, per query row, the running maximum ``m`` of the scores, the running sum ``l`` of
-``exp(score - m)`` and the unnormalised output ``acc``; each key chunk rescales them by
-``exp(m_old - m_new)``. Only one ``q_chunk x k_chunk`` block of scores per head exists at
-a time. Loops, rematerialisation and ``stop_gradient`` come from the backend adapter; the
-rest is array-API calls on ``xp``. A length that is not a multiple of its chunk size is
-handled by a scan over the full chunks and one static tail chunk, so results are exact
-and no key is padded or masked away.
+**Forward** (:func:`forward`): the outer loop runs over query chunks, the inner loop over
+key chunks. The inner loop carries, per query row, the running maximum ``m`` of the
+scores, the running sum ``l`` of ``exp(score - m)`` and the unnormalised output ``acc``;
+each key chunk rescales them by ``exp(m_old - m_new)``. It returns the output and the
+per-row logsumexp ``m + log(l)``.
+
+**Backward** (:func:`backward`, FlashAttention-2 §3.2): from the output ``O`` and the
+logsumexp alone, recompute each chunk's probabilities ``P = exp(S - lse)``; with
+``Δ = rowsum(dO ∘ O)``, ``dV += Pᵀ dO``, ``dS = P ∘ (dO Vᵀ - Δ)``, ``dQ += dS K``,
+``dK += dSᵀ Q`` and ``d_bias = dS``. The outer loop runs over key chunks (dK, dV in the
+inner carry); each key chunk's dQ leaves the inner loop as stacked outputs and is added
+to a dQ carried by the outer loop, so nothing is written in place.
+
+Only one ``q_chunk x k_chunk`` block of scores per head exists at a time. Loops,
+rematerialisation and ``stop_gradient`` come from the backend adapter; the rest is
+array-API calls on ``xp``. A length that its chunk size does not divide is handled by a
+scan over the full chunks and one static tail chunk: exact, nothing padded.
 """
 
 from __future__ import annotations
@@ -35,42 +44,79 @@ class Options:
     key_chunk_size: int
 
 
-def forward(backend: Any, q, k, v, bias, mask, options: Options):
-    """Attention output ``[*batch, kv_heads, groups, q_len, d_v]`` and its logsumexp.
+class _Context:
+    """What every chunk of one call shares: namespace, dtypes, lengths and the mask rule."""
 
-    The logsumexp ``[*batch, kv_heads, groups, q_len]`` is float32 (float64 for float64
-    inputs) and ``-inf`` on rows that see no key; those rows' output is 0.
-    """
-    xp = backend.namespace()
-    device = backend.device(q)
-    in_dtype = q.dtype
-    acc_dtype = xp.float64 if in_dtype == xp.float64 else xp.float32
-    q = xp.astype(q, acc_dtype) * options.scale
-    k, v = xp.astype(k, acc_dtype), xp.astype(v, acc_dtype)
-    if bias is not None:
-        bias = xp.astype(bias, acc_dtype)
-    q_len, kv_len = q.shape[-2], k.shape[-2]
-    if q_len == 0 or kv_len == 0:
-        out = xp.zeros((*q.shape[:-1], v.shape[-1]), dtype=in_dtype, device=device)
-        return out, xp.full(q.shape[:-1], NEG_INF, dtype=acc_dtype, device=device)
+    def __init__(self, backend, q, k, options: Options):
+        self.backend, self.options = backend, options
+        self.xp = xp = backend.namespace()
+        self.device = backend.device(q)
+        self.in_dtype = q.dtype
+        self.acc_dtype = xp.float64 if q.dtype == xp.float64 else xp.float32
+        self.q_len, self.kv_len = q.shape[-2], k.shape[-2]
+        self.cq = min(options.query_chunk_size, max(self.q_len, 1))
+        self.ck = min(options.key_chunk_size, max(self.kv_len, 1))
 
-    cq = min(options.query_chunk_size, q_len)
-    ck = min(options.key_chunk_size, kv_len)
-    kv_offset = kv_len - q_len  # bottom-right alignment of the causal diagonal
+    def lift(self, x):
+        """``x`` in the accumulation dtype (float32, or float64 for float64 inputs)."""
+        return None if x is None else self.xp.astype(x, self.acc_dtype)
 
-    def update(m, l, acc, q_blk, k_c, v_c, bias_c, mask_c, q_start, k_start):
-        """Fold one key chunk into the running (max, sum, accumulator) of a query block."""
-        s = xp.matmul(q_blk, xp.matrix_transpose(k_c))
+    def zeros(self, shape):
+        return self.xp.zeros(shape, dtype=self.acc_dtype, device=self.device)
+
+    def scores(self, q_c, k_c, bias_c, mask_c, q_start, k_start):
+        """Scaled scores of a chunk pair (``q_c`` is pre-scaled), -inf where not attended."""
+        xp = self.xp
+        s = xp.matmul(q_c, xp.matrix_transpose(k_c))
         if bias_c is not None:
             s = s + bias_c
         allowed = mask_c
-        if options.causal:
-            q_pos = xp.reshape(xp.arange(q_blk.shape[-2], device=device), (-1, 1)) + q_start
-            k_pos = xp.reshape(xp.arange(k_c.shape[-2], device=device), (1, -1)) + k_start
-            below = k_pos <= q_pos + kv_offset
+        if self.options.causal:  # j <= i + kv_len - q_len: bottom-right aligned
+            i = xp.reshape(xp.arange(q_c.shape[-2], device=self.device), (-1, 1)) + q_start
+            j = xp.reshape(xp.arange(k_c.shape[-2], device=self.device), (1, -1)) + k_start
+            below = j <= i + (self.kv_len - self.q_len)
             allowed = below if allowed is None else xp.logical_and(allowed, below)
-        if allowed is not None:
-            s = xp.where(allowed, s, NEG_INF)
+        return s if allowed is None else xp.where(allowed, s, NEG_INF)
+
+    def loop(self, step, init, splits, axis_len):
+        """Run ``step(carry, chunks, start) -> (carry, y)`` over the chunks of ``splits``.
+
+        The full chunks go through the backend's ``scan``, the tail (if any) through one
+        more call of ``step``. Returns ``(carry, stacked ys, tail y or None)``.
+        """
+        size = self.cq if axis_len == "q" else self.ck
+        length = self.q_len if axis_len == "q" else self.kv_len
+        count = length // size
+        starts = self.xp.arange(0, count * size, size, device=self.device)
+
+        def scan_step(carry, xs):
+            return step(carry, _chunk_of(splits, iter(xs[:-1])), xs[-1])
+
+        carry, ys = self.backend.scan(scan_step, init, (*_stacked(splits), starts), count)
+        tail = None
+        if length % size:
+            carry, tail = step(carry, _tail_of(splits), count * size)
+        return carry, ys, tail
+
+
+def forward(backend: Any, q, k, v, bias, mask, options: Options, remat: bool = True):
+    """Attention output ``[*batch, kv_heads, groups, q_len, d_v]`` and its logsumexp.
+
+    The logsumexp ``[*batch, kv_heads, groups, q_len]`` is float32 (float64 for float64
+    inputs) and ``-inf`` on rows that see no key; those rows' output is 0. With ``remat``
+    the chunk computations are rematerialised when the framework differentiates them.
+    """
+    c = _Context(backend, q, k, options)
+    xp = c.xp
+    q = c.lift(q) * options.scale
+    k, v, bias = c.lift(k), c.lift(v), c.lift(bias)
+    if c.q_len == 0 or c.kv_len == 0:
+        out = xp.zeros((*q.shape[:-1], v.shape[-1]), dtype=c.in_dtype, device=c.device)
+        return out, xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device)
+
+    def update(m, l, acc, q_c, k_c, v_c, bias_c, mask_c, q_start, k_start):
+        """Fold one key chunk into the running (max, sum, accumulator) of a query block."""
+        s = c.scores(q_c, k_c, bias_c, mask_c, q_start, k_start)
         # The result does not depend on m, so no gradient needs to flow through it.
         m_new = xp.maximum(m, backend.stop_gradient(xp.max(s, axis=-1, keepdims=True)))
         m_ref = xp.where(m_new == NEG_INF, 0.0, m_new)  # rows that have seen no key yet
@@ -80,69 +126,161 @@ def forward(backend: Any, q, k, v, bias, mask, options: Options):
         acc = acc * rescale + xp.matmul(p, v_c)
         return m_new, l, acc
 
-    update = backend.remat(update)
-    k_split, v_split = _split(xp, k, -2, ck, kv_len), _split(xp, v, -2, ck, kv_len)
-    k_starts = xp.arange(0, kv_len - k_split.tail_len, ck, device=device)
-
-    def query_block(q_blk, q_start, bias_blk, mask_blk, k_chunks, v_chunks, k_tail, v_tail):
+    def query_block(q_c, bias_c, mask_c, q_start, k_chunks, v_chunks, k_tail, v_tail):
         """Output and logsumexp of one block of query rows against every key."""
-        rows = q_blk.shape[:-1]
-        m = xp.full((*rows, 1), NEG_INF, dtype=acc_dtype, device=device)
-        l = xp.zeros((*rows, 1), dtype=acc_dtype, device=device)
-        acc = xp.zeros((*rows, v.shape[-1]), dtype=acc_dtype, device=device)
-        extras = (_split(xp, bias_blk, -1, ck, kv_len), _split(xp, mask_blk, -1, ck, kv_len))
+        rows = q_c.shape[:-1]
+        init = (
+            xp.full((*rows, 1), NEG_INF, dtype=c.acc_dtype, device=c.device),
+            c.zeros((*rows, 1)),
+            c.zeros((*rows, v.shape[-1])),
+        )
+        splits = (
+            _Split(k_chunks, k_tail),
+            _Split(v_chunks, v_tail),
+            _split(xp, bias_c, -1, c.ck, c.kv_len),
+            _split(xp, mask_c, -1, c.ck, c.kv_len),
+        )
 
-        def step(carry, xs):
-            k_c, v_c, *extra_chunks, k_start = xs
-            bias_c, mask_c = _chunk_of(extras, extra_chunks)
-            return update(*carry, q_blk, k_c, v_c, bias_c, mask_c, q_start, k_start), None
+        def step(carry, chunks, k_start):
+            k_c, v_c, bias_kc, mask_kc = chunks
+            return update(*carry, q_c, k_c, v_c, bias_kc, mask_kc, q_start, k_start), None
 
-        xs = (k_chunks, v_chunks, *_stacked(extras), k_starts)
-        carry, _ = backend.scan(step, (m, l, acc), xs, k_starts.shape[0])
-        if k_tail is not None:
-            bias_t, mask_t = _tail_of(extras)
-            carry = update(
-                *carry, q_blk, k_tail, v_tail, bias_t, mask_t, q_start, k_starts.shape[0] * ck
-            )
-        m, l, acc = carry
+        (m, l, acc), _, _ = c.loop(step, init, splits, "k")
         seen = l != 0.0
         l_safe = xp.where(seen, l, 1.0)
         lse = xp.where(seen, m + xp.log(l_safe), NEG_INF)
-        return xp.astype(acc / l_safe, in_dtype), lse[..., 0]
+        return xp.astype(acc / l_safe, c.in_dtype), lse[..., 0]
 
-    query_block = backend.remat(query_block)
+    if remat:
+        update, query_block = backend.remat(update), backend.remat(query_block)
+    k_split, v_split = _split(xp, k, -2, c.ck, c.kv_len), _split(xp, v, -2, c.ck, c.kv_len)
     key_arrays = (k_split.chunks, v_split.chunks, k_split.tail, v_split.tail)
-    queries = tuple(_split(xp, x, -2, cq, q_len) for x in (q, bias, mask))
-    q_starts = xp.arange(0, q_len - queries[0].tail_len, cq, device=device)
 
-    def query_step(carry, xs):
-        *chunks, q_start = xs
-        q_c, bias_c, mask_c = _chunk_of(queries, chunks)
-        return carry, query_block(q_c, q_start, bias_c, mask_c, *key_arrays)
+    def step(carry, chunks, q_start):
+        return carry, query_block(*chunks, q_start, *key_arrays)
 
-    xs = (*_stacked(queries), q_starts)
-    _, (out, lse) = backend.scan(query_step, (), xs, q_starts.shape[0])
-    out, lse = _merge(xp, out, axis=-2), _merge(xp, lse, axis=-1)
-    if queries[0].tail is not None:
-        q_t, bias_t, mask_t = _tail_of(queries)
-        out_t, lse_t = query_block(q_t, q_starts.shape[0] * cq, bias_t, mask_t, *key_arrays)
-        out, lse = xp.concat((out, out_t), axis=-2), xp.concat((lse, lse_t), axis=-1)
-    return out, lse
+    splits = tuple(_split(xp, x, -2, c.cq, c.q_len) for x in (q, bias, mask))
+    _, ys, tail = c.loop(step, (), splits, "q")
+    tail = tail or (None, None)
+    return _join(xp, ys[0], tail[0], -2), _join(xp, ys[1], tail[1], -1)
+
+
+def backward(backend: Any, q, k, v, bias, mask, out, lse, d_out, d_lse, options: Options):
+    """Cotangents ``(dq, dk, dv, d_bias)`` of :func:`forward`'s ``(out, lse)``.
+
+    ``d_lse`` may be None. Each cotangent has its primal's shape and dtype; ``d_bias`` is
+    None without a bias. Rows that see no key get zero gradients.
+    """
+    c = _Context(backend, q, k, options)
+    xp = c.xp
+    dtypes = (q.dtype, k.dtype, v.dtype, None if bias is None else bias.dtype)
+    q = c.lift(q) * options.scale
+    k, v, bias, d_out = c.lift(k), c.lift(v), c.lift(bias), c.lift(d_out)
+    if c.q_len == 0 or c.kv_len == 0:
+        grads = (
+            c.zeros(q.shape),
+            c.zeros(k.shape),
+            c.zeros(v.shape),
+            None if bias is None else c.zeros(bias.shape),
+        )
+        return _cast_all(xp, grads, dtypes)
+
+    delta = xp.sum(d_out * c.lift(out), axis=-1, keepdims=True)  # Δ = rowsum(dO ∘ O)
+    if d_lse is not None:  # d lse / d S = P, so d_lse joins Δ
+        delta = delta - xp.reshape(c.lift(d_lse), delta.shape)
+    lse = xp.reshape(xp.where(lse == NEG_INF, 0.0, lse), delta.shape)  # no key: P = 0
+
+    def chunk_grads(q_c, do_c, lse_c, delta_c, bias_c, mask_c, q_start, k_c, v_c, k_start):
+        p = xp.exp(c.scores(q_c, k_c, bias_c, mask_c, q_start, k_start) - lse_c)
+        ds = p * (xp.matmul(do_c, xp.matrix_transpose(v_c)) - delta_c)
+        dq = xp.matmul(ds, k_c)
+        dk = _sum_groups(xp, xp.matmul(xp.matrix_transpose(ds), q_c))
+        dv = _sum_groups(xp, xp.matmul(xp.matrix_transpose(p), do_c))
+        return dq, dk, dv, None if bias_c is None else _sum_to(xp, ds, bias_c.shape)
+
+    queries = tuple(_split(xp, x, -2, c.cq, c.q_len) for x in (q, d_out, lse, delta))
+
+    def key_block(k_c, v_c, bias_k, mask_k, k_start):
+        """dK, dV of one key chunk; its contributions to dQ and d_bias over all queries."""
+        extras = (_split(xp, bias_k, -2, c.cq, c.q_len), _split(xp, mask_k, -2, c.cq, c.q_len))
+        bias_sums_q = bias_k is not None and not extras[0].is_cut  # bias broadcast over q
+
+        def step(carry, chunks, q_start):
+            dq, dk, dv, db = chunk_grads(*chunks, q_start, k_c, v_c, k_start)
+            dk_acc, dv_acc, db_acc = carry
+            carry = (dk_acc + dk, dv_acc + dv, db_acc + db if bias_sums_q else None)
+            return carry, (dq, None if bias_sums_q else db)
+
+        init = (
+            c.zeros(k_c.shape),
+            c.zeros(v_c.shape),
+            c.zeros(bias_k.shape) if bias_sums_q else None,
+        )
+        (dk, dv, db_sum), ys, tail = c.loop(step, init, queries + extras, "q")
+        tail = tail or (None, None)
+        db = db_sum if bias_sums_q else _join(xp, ys[1], tail[1], -2)
+        return dk, dv, _join(xp, ys[0], tail[0], -2), db
+
+    bias_sums_k = bias is not None and bias.shape[-1] != c.kv_len  # bias broadcast over keys
+
+    def step(carry, chunks, k_start):
+        dq_acc, db_acc = carry
+        dk, dv, dq, db = key_block(*chunks, k_start)
+        carry = (dq_acc + dq, db_acc + db if bias_sums_k else None)
+        return carry, (dk, dv, None if bias_sums_k else db)
+
+    splits = (
+        _split(xp, k, -2, c.ck, c.kv_len),
+        _split(xp, v, -2, c.ck, c.kv_len),
+        _split(xp, bias, -1, c.ck, c.kv_len),
+        _split(xp, mask, -1, c.ck, c.kv_len),
+    )
+    init = (c.zeros(q.shape), c.zeros(bias.shape) if bias_sums_k else None)
+    (dq, db_sum), ys, tail = c.loop(step, init, splits, "k")
+    tail = tail or (None, None, None)
+    dk, dv = _join(xp, ys[0], tail[0], -2), _join(xp, ys[1], tail[1], -2)
+    db = db_sum if bias_sums_k else _join(xp, ys[2], tail[2], -1)
+    return _cast_all(xp, (dq * options.scale, dk, dv, db), dtypes)
+
+
+def differentiable(backend: Any, has_bias: bool, has_mask: bool, forward, backward):
+    """``f(q, k, v[, bias][, mask]) -> (out, lse)`` whose gradient is ``backward``,
+    registered with the framework through the adapter's ``custom_vjp``.
+
+    ``forward(q, k, v, bias, mask)`` and ``backward(q, k, v, bias, mask, out, lse, d_out,
+    d_lse)`` are this module's :func:`forward` (without remat) and :func:`backward` with
+    their options bound (and staged by the backend).
+    """
+
+    def unpack(args):
+        q, k, v, *rest = args
+        bias = rest.pop(0) if has_bias else None
+        return q, k, v, bias, (rest.pop(0) if has_mask else None)
+
+    def fwd(*args):
+        out, lse = forward(*unpack(args))
+        return (out, lse), (args, out, lse)
+
+    def bwd(residuals, cotangents):
+        args, out, lse = residuals
+        dq, dk, dv, db = backward(*unpack(args), out, lse, *cotangents)
+        return (dq, dk, dv) + ((db,) if has_bias else ()) + ((None,) if has_mask else ())
+
+    return backend.custom_vjp(fwd, bwd)
 
 
 @dataclass(frozen=True)
 class _Split:
-    """An operand cut along one axis for a scan.
+    """An operand cut along one axis for a loop.
 
     ``chunks`` stacks the full chunks on a new leading axis, ``tail`` is the shorter last
     chunk (None when the size divides the length). An operand that is None or broadcast
-    along the axis (extent 1 where the length is not) is kept whole for every chunk.
+    along the axis (extent 1 where the length is not) is kept ``whole`` for every chunk.
     """
 
     chunks: Any = None
     tail: Any = None
     whole: Any = None
-    tail_len: int = 0
 
     @property
     def is_cut(self) -> bool:
@@ -158,8 +296,7 @@ def _split(xp, x, axis: int, size: int, length: int) -> _Split:
     head = _slice_axis(x, axis, 0, cut)
     head = xp.reshape(head, (*x.shape[:axis], cut // size, size, *x.shape[axis + 1 :]))
     chunks = xp.permute_dims(head, (axis, *range(axis), *range(axis + 1, head.ndim)))
-    tail = _slice_axis(x, axis, cut, length) if cut < length else None
-    return _Split(chunks=chunks, tail=tail, tail_len=length - cut)
+    return _Split(chunks=chunks, tail=_slice_axis(x, axis, cut, length) if cut < length else None)
 
 
 def _slice_axis(x, axis: int, start: int, stop: int):
@@ -173,7 +310,6 @@ def _stacked(splits) -> tuple:
 
 def _chunk_of(splits, chunks) -> tuple:
     """Each operand's value in one scan step, given that step's slices of ``_stacked``."""
-    chunks = iter(chunks)
     return tuple(next(chunks) if s.is_cut else s.whole for s in splits)
 
 
@@ -182,9 +318,29 @@ def _tail_of(splits) -> tuple:
     return tuple(s.tail if s.is_cut else s.whole for s in splits)
 
 
-def _merge(xp, stacked, axis: int):
-    """Inverse of ``_split``'s chunks: ``[count, ..., size, ...] -> [..., count * size, ...]``."""
-    pos = stacked.ndim + axis  # the chunk's own axis
+def _join(xp, stacked, tail, axis: int):
+    """The full chunks' stacked outputs followed by the tail's, as one array along ``axis``."""
+    if stacked is None:  # an output that does not exist (no bias: no d_bias)
+        return None
+    pos = stacked.ndim + axis  # the chunk's own axis, once the stacking axis moves next to it
     moved = xp.permute_dims(stacked, (*range(1, pos), 0, *range(pos, stacked.ndim)))
     shape = moved.shape
-    return xp.reshape(moved, (*shape[: pos - 1], shape[pos - 1] * shape[pos], *shape[pos + 1 :]))
+    merged = xp.reshape(moved, (*shape[: pos - 1], shape[pos - 1] * shape[pos], *shape[pos + 1 :]))
+    return merged if tail is None else xp.concat((merged, tail), axis=axis)
+
+
+def _sum_groups(xp, x):
+    """Sum over the query heads of each key/value head: ``[.., groups, t, d] -> [.., 1, t, d]``."""
+    return xp.sum(x, axis=-3, keepdims=True) if x.shape[-3] != 1 else x
+
+
+def _sum_to(xp, x, shape):
+    """Sum ``x`` over the axes along which an array of ``shape`` (same rank) broadcasts."""
+    axes = tuple(i for i, (n, m) in enumerate(zip(shape, x.shape, strict=True)) if n == 1 != m)
+    return xp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _cast_all(xp, arrays, dtypes):
+    return tuple(
+        None if a is None else xp.astype(a, d) for a, d in zip(arrays, dtypes, strict=True)
+    )

@@ -6,7 +6,7 @@ freed buffers go back to the OS. The peak is reset (``/proc/self/clear_refs``) b
 each measured call, after a warm-up call of the same shape (compilation, kernel
 loading). It includes the output, which is O(n·d).
 
-Run as ``python -m uniattn._measure BACKEND N`` to print one JSON line.
+Run as ``python -m uniattn._measure BACKEND N forward|gradient`` to print one JSON line.
 """
 
 from __future__ import annotations
@@ -46,14 +46,19 @@ def peak_bytes_above_baseline(fn, block) -> int:
     return max(0, _status("VmHWM") - baseline)
 
 
-def memory_in_subprocess(backend: str, n: int, timeout: float = 300) -> dict | None:
-    """``{"uniattn": bytes, "plain": bytes}`` at length ``n`` (1 head, d=64, float32), or
-    None where peak RSS cannot be measured (not Linux)."""
+def memory_in_subprocess(backend: str, n: int, task: str = "forward", timeout: float = 600):
+    """Peak extra bytes of each implementation at length ``n`` (1 head, d=64, float32).
+
+    ``task`` "forward" measures ``{"uniattn", "plain"}``; "gradient" measures a forward and
+    backward pass: ``{"custom", "autodiff", "plain"}`` (plain under the framework's
+    autodiff; NumPy: ``{"custom"}`` through ``uniattn.vjp``). None where peak RSS cannot
+    be measured (not Linux).
+    """
     if not Path("/proc/self/clear_refs").exists():
         return None
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
-        [sys.executable, "-m", "uniattn._measure", backend, str(n)],
+        [sys.executable, "-m", "uniattn._measure", backend, str(n), task],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -63,7 +68,7 @@ def memory_in_subprocess(backend: str, n: int, timeout: float = 300) -> dict | N
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _worker(name: str, n: int) -> dict:
+def _worker(name: str, n: int, task: str) -> dict:
     import numpy as np
 
     import uniattn
@@ -72,14 +77,28 @@ def _worker(name: str, n: int) -> dict:
 
     backend = backends.load(name)
     rng = np.random.default_rng(0)
-    q, k, v = (backend.asarray(rng.standard_normal((1, n, 1, 64)), "float32") for _ in range(3))
-    return {
-        "uniattn": peak_bytes_above_baseline(lambda: uniattn.attention(q, k, v), backend.block),
-        "plain": peak_bytes_above_baseline(
-            lambda: plain_attention(backend, q, k, v), backend.block
-        ),
-    }
+    q, k, v, d_out = (
+        backend.asarray(rng.standard_normal((1, n, 1, 64)), "float32") for _ in range(4)
+    )
+    if task == "forward":
+        runs = {
+            "uniattn": lambda: uniattn.attention(q, k, v),
+            "plain": lambda: plain_attention(backend, q, k, v),
+        }
+    elif not backend.has_autodiff:
+        runs = {"custom": lambda: uniattn.vjp(q, k, v)[1](d_out)}
+    else:
+
+        def grad(fn):
+            return lambda: backend.vjp(fn, q, k, v)[1](d_out)
+
+        runs = {
+            "custom": grad(lambda *a: uniattn.attention(*a, backward="custom")),
+            "autodiff": grad(lambda *a: uniattn.attention(*a, backward="autodiff")),
+            "plain": grad(lambda *a: plain_attention(backend, *a)),
+        }
+    return {impl: peak_bytes_above_baseline(run, backend.block) for impl, run in runs.items()}
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker(sys.argv[1], int(sys.argv[2]))))
+    print(json.dumps(_worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])))
