@@ -55,6 +55,9 @@ class JaxBackend(Backend):
     def jit(self, fn):
         return jax.jit(fn)
 
+    def precompile(self, fn, *args):
+        return jax.jit(fn).lower(*args).compile()
+
     def block(self, x):
         return jax.block_until_ready(x)
 

@@ -187,7 +187,9 @@ class TensorFlowBackend(Backend):
     def custom_vjp(self, fwd, bwd):
         @tf.custom_gradient
         def f(*args):
-            out, residuals = fwd(*args)
+            # An eager tape records the ops run inside f and keeps their inputs (every
+            # chunk's scores) alive; behind stop_gradient there is nothing to record.
+            out, residuals = fwd(*(tf.stop_gradient(a) for a in args))
 
             def grad(*d_out):
                 return tuple(bwd(residuals, d_out[0] if len(d_out) == 1 else d_out))

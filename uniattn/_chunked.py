@@ -64,16 +64,20 @@ class _Context:
     def zeros(self, shape):
         return self.xp.zeros(shape, dtype=self.acc_dtype, device=self.device)
 
-    def scores(self, q_c, k_c, bias_c, mask_c, q_start, k_start):
-        """Scaled scores of a chunk pair (``q_c`` is pre-scaled), -inf where not attended."""
+    def scores(self, q_c, kt_c, bias_c, mask_c, q_start, k_start):
+        """Scaled scores of a chunk pair, -inf where not attended.
+
+        ``q_c`` is pre-scaled and the keys come transposed (``kt_c``: ``[.., d_k, k_chunk]``):
+        transposing once outside the loops spares XLA a transpose copy in every step.
+        """
         xp = self.xp
-        s = xp.matmul(q_c, xp.matrix_transpose(k_c))
+        s = xp.matmul(q_c, kt_c)
         if bias_c is not None:
             s = s + bias_c
         allowed = mask_c
         if self.options.causal:  # j <= i + kv_len - q_len: bottom-right aligned
             i = xp.reshape(xp.arange(q_c.shape[-2], device=self.device), (-1, 1)) + q_start
-            j = xp.reshape(xp.arange(k_c.shape[-2], device=self.device), (1, -1)) + k_start
+            j = xp.reshape(xp.arange(kt_c.shape[-1], device=self.device), (1, -1)) + k_start
             below = j <= i + (self.kv_len - self.q_len)
             allowed = below if allowed is None else xp.logical_and(allowed, below)
         return s if allowed is None else xp.where(allowed, s, NEG_INF)
@@ -114,9 +118,9 @@ def forward(backend: Any, q, k, v, bias, mask, options: Options, remat: bool = T
         out = xp.zeros((*q.shape[:-1], v.shape[-1]), dtype=c.in_dtype, device=c.device)
         return out, xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device)
 
-    def update(m, l, acc, q_c, k_c, v_c, bias_c, mask_c, q_start, k_start):
+    def update(m, l, acc, q_c, kt_c, v_c, bias_c, mask_c, q_start, k_start):
         """Fold one key chunk into the running (max, sum, accumulator) of a query block."""
-        s = c.scores(q_c, k_c, bias_c, mask_c, q_start, k_start)
+        s = c.scores(q_c, kt_c, bias_c, mask_c, q_start, k_start)
         # The result does not depend on m, so no gradient needs to flow through it.
         m_new = xp.maximum(m, backend.stop_gradient(xp.max(s, axis=-1, keepdims=True)))
         m_ref = xp.where(m_new == NEG_INF, 0.0, m_new)  # rows that have seen no key yet
@@ -126,7 +130,7 @@ def forward(backend: Any, q, k, v, bias, mask, options: Options, remat: bool = T
         acc = acc * rescale + xp.matmul(p, v_c)
         return m_new, l, acc
 
-    def query_block(q_c, bias_c, mask_c, q_start, k_chunks, v_chunks, k_tail, v_tail):
+    def query_block(q_c, bias_c, mask_c, q_start, kt_chunks, v_chunks, kt_tail, v_tail):
         """Output and logsumexp of one block of query rows against every key."""
         rows = q_c.shape[:-1]
         init = (
@@ -135,15 +139,15 @@ def forward(backend: Any, q, k, v, bias, mask, options: Options, remat: bool = T
             c.zeros((*rows, v.shape[-1])),
         )
         splits = (
-            _Split(k_chunks, k_tail),
+            _Split(kt_chunks, kt_tail),
             _Split(v_chunks, v_tail),
             _split(xp, bias_c, -1, c.ck, c.kv_len),
             _split(xp, mask_c, -1, c.ck, c.kv_len),
         )
 
         def step(carry, chunks, k_start):
-            k_c, v_c, bias_kc, mask_kc = chunks
-            return update(*carry, q_c, k_c, v_c, bias_kc, mask_kc, q_start, k_start), None
+            kt_c, v_c, bias_kc, mask_kc = chunks
+            return update(*carry, q_c, kt_c, v_c, bias_kc, mask_kc, q_start, k_start), None
 
         (m, l, acc), _, _ = c.loop(step, init, splits, "k")
         seen = l != 0.0
@@ -153,8 +157,9 @@ def forward(backend: Any, q, k, v, bias, mask, options: Options, remat: bool = T
 
     if remat:
         update, query_block = backend.remat(update), backend.remat(query_block)
-    k_split, v_split = _split(xp, k, -2, c.ck, c.kv_len), _split(xp, v, -2, c.ck, c.kv_len)
-    key_arrays = (k_split.chunks, v_split.chunks, k_split.tail, v_split.tail)
+    kt_split = _split(xp, xp.matrix_transpose(k), -1, c.ck, c.kv_len)
+    v_split = _split(xp, v, -2, c.ck, c.kv_len)
+    key_arrays = (kt_split.chunks, v_split.chunks, kt_split.tail, v_split.tail)
 
     def step(carry, chunks, q_start):
         return carry, query_block(*chunks, q_start, *key_arrays)
@@ -190,36 +195,51 @@ def backward(backend: Any, q, k, v, bias, mask, out, lse, d_out, d_lse, options:
         delta = delta - xp.reshape(c.lift(d_lse), delta.shape)
     lse = xp.reshape(xp.where(lse == NEG_INF, 0.0, lse), delta.shape)  # no key: P = 0
 
-    def chunk_grads(q_c, do_c, lse_c, delta_c, bias_c, mask_c, q_start, k_c, v_c, k_start):
-        p = xp.exp(c.scores(q_c, k_c, bias_c, mask_c, q_start, k_start) - lse_c)
-        ds = p * (xp.matmul(do_c, xp.matrix_transpose(v_c)) - delta_c)
-        dq = xp.matmul(ds, k_c)
-        dk = _sum_groups(xp, xp.matmul(xp.matrix_transpose(ds), q_c))
-        dv = _sum_groups(xp, xp.matmul(xp.matrix_transpose(p), do_c))
-        return dq, dk, dv, None if bias_c is None else _sum_to(xp, ds, bias_c.shape)
+    def chunk_grads(
+        q_c, qt_c, do_c, dot_c, lse_c, delta_c, bias_c, mask_c, q_start, k_c, kt_c, vt_c, k_start
+    ):
+        """dQ of a chunk pair, and its transposed contributions dKᵀ = Qᵀ dS, dVᵀ = dOᵀ P.
 
-    queries = tuple(_split(xp, x, -2, c.cq, c.q_len) for x in (q, d_out, lse, delta))
+        Every operand comes in the orientation its product needs (transposed once, outside
+        the loops), so no ``q_chunk x k_chunk`` block is ever transposed.
+        """
+        p = xp.exp(c.scores(q_c, kt_c, bias_c, mask_c, q_start, k_start) - lse_c)
+        ds = p * (xp.matmul(do_c, vt_c) - delta_c)
+        dkt = _sum_groups(xp, xp.matmul(qt_c, ds))
+        dvt = _sum_groups(xp, xp.matmul(dot_c, p))
+        db = None if bias_c is None else _sum_to(xp, ds, bias_c.shape)
+        return xp.matmul(ds, k_c), dkt, dvt, db
 
-    def key_block(k_c, v_c, bias_k, mask_k, k_start):
+    t = xp.matrix_transpose
+    queries = (
+        _split(xp, q, -2, c.cq, c.q_len),
+        _split(xp, t(q), -1, c.cq, c.q_len),
+        _split(xp, d_out, -2, c.cq, c.q_len),
+        _split(xp, t(d_out), -1, c.cq, c.q_len),
+        _split(xp, lse, -2, c.cq, c.q_len),
+        _split(xp, delta, -2, c.cq, c.q_len),
+    )
+
+    def key_block(k_c, kt_c, vt_c, bias_k, mask_k, k_start):
         """dK, dV of one key chunk; its contributions to dQ and d_bias over all queries."""
         extras = (_split(xp, bias_k, -2, c.cq, c.q_len), _split(xp, mask_k, -2, c.cq, c.q_len))
         bias_sums_q = bias_k is not None and not extras[0].is_cut  # bias broadcast over q
 
         def step(carry, chunks, q_start):
-            dq, dk, dv, db = chunk_grads(*chunks, q_start, k_c, v_c, k_start)
-            dk_acc, dv_acc, db_acc = carry
-            carry = (dk_acc + dk, dv_acc + dv, db_acc + db if bias_sums_q else None)
+            dq, dkt, dvt, db = chunk_grads(*chunks, q_start, k_c, kt_c, vt_c, k_start)
+            dkt_acc, dvt_acc, db_acc = carry
+            carry = (dkt_acc + dkt, dvt_acc + dvt, db_acc + db if bias_sums_q else None)
             return carry, (dq, None if bias_sums_q else db)
 
         init = (
-            c.zeros(k_c.shape),
-            c.zeros(v_c.shape),
+            c.zeros(kt_c.shape),
+            c.zeros(vt_c.shape),
             c.zeros(bias_k.shape) if bias_sums_q else None,
         )
-        (dk, dv, db_sum), ys, tail = c.loop(step, init, queries + extras, "q")
+        (dkt, dvt, db_sum), ys, tail = c.loop(step, init, queries + extras, "q")
         tail = tail or (None, None)
         db = db_sum if bias_sums_q else _join(xp, ys[1], tail[1], -2)
-        return dk, dv, _join(xp, ys[0], tail[0], -2), db
+        return t(dkt), t(dvt), _join(xp, ys[0], tail[0], -2), db
 
     bias_sums_k = bias is not None and bias.shape[-1] != c.kv_len  # bias broadcast over keys
 
@@ -231,7 +251,8 @@ def backward(backend: Any, q, k, v, bias, mask, out, lse, d_out, d_lse, options:
 
     splits = (
         _split(xp, k, -2, c.ck, c.kv_len),
-        _split(xp, v, -2, c.ck, c.kv_len),
+        _split(xp, t(k), -1, c.ck, c.kv_len),
+        _split(xp, t(v), -1, c.ck, c.kv_len),
         _split(xp, bias, -1, c.ck, c.kv_len),
         _split(xp, mask, -1, c.ck, c.kv_len),
     )

@@ -37,12 +37,12 @@ def _status(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) * 1024
 
 
-def peak_bytes_above_baseline(fn, block) -> int:
-    """Peak RSS of ``block(fn())`` above the RSS before it (after one warm-up call)."""
-    block(fn())
+def peak_bytes_above_baseline(backend, fn, *args) -> int:
+    """Peak RSS of one ``fn(*args)`` above the RSS before it (compiled and warmed up first)."""
+    run = backend.precompile(fn, *args)
     baseline = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    block(fn())
+    backend.block(run(*args))
     return max(0, _status("VmHWM") - baseline)
 
 
@@ -81,23 +81,21 @@ def _worker(name: str, n: int, task: str) -> dict:
         backend.asarray(rng.standard_normal((1, n, 1, 64)), "float32") for _ in range(4)
     )
     if task == "forward":
-        runs = {
-            "uniattn": lambda: uniattn.attention(q, k, v),
-            "plain": lambda: plain_attention(backend, q, k, v),
-        }
+        runs = {"uniattn": uniattn.attention, "plain": lambda *a: plain_attention(backend, *a)}
     elif not backend.has_autodiff:
-        runs = {"custom": lambda: uniattn.vjp(q, k, v)[1](d_out)}
+        runs = {"custom": lambda q, k, v, d: uniattn.vjp(q, k, v)[1](d)}
     else:
 
-        def grad(fn):
-            return lambda: backend.vjp(fn, q, k, v)[1](d_out)
+        def gradient(fn):
+            return lambda q, k, v, d: backend.vjp(fn, q, k, v)[1](d)
 
         runs = {
-            "custom": grad(lambda *a: uniattn.attention(*a, backward="custom")),
-            "autodiff": grad(lambda *a: uniattn.attention(*a, backward="autodiff")),
-            "plain": grad(lambda *a: plain_attention(backend, *a)),
+            "custom": gradient(lambda *a: uniattn.attention(*a, backward="custom")),
+            "autodiff": gradient(lambda *a: uniattn.attention(*a, backward="autodiff")),
+            "plain": gradient(lambda *a: plain_attention(backend, *a)),
         }
-    return {impl: peak_bytes_above_baseline(run, backend.block) for impl, run in runs.items()}
+    args = (q, k, v) if task == "forward" else (q, k, v, d_out)
+    return {impl: peak_bytes_above_baseline(backend, run, *args) for impl, run in runs.items()}
 
 
 if __name__ == "__main__":
