@@ -108,6 +108,21 @@ def _rebuild(tree, leaves):
     )
 
 
+@tf.custom_gradient
+def _first_order_only(x):
+    """Identity whose derivative raises: the residuals of ``custom_vjp`` are computed
+    without the tape (see there), so a second derivative through them would be wrong."""
+
+    def grad(_):
+        raise NotImplementedError(
+            "second derivatives through uniattn's backward='custom' are not supported on "
+            "TensorFlow (its forward runs off the tape to keep memory O(n·d)); "
+            "PyTorch and JAX support them"
+        )
+
+    return tf.identity(x), grad
+
+
 def _is_float_tensor(x):
     return isinstance(x, (tf.Tensor, tf.Variable)) and x.dtype.is_floating
 
@@ -192,7 +207,8 @@ class TensorFlowBackend(Backend):
             out, residuals = fwd(*(tf.stop_gradient(a) for a in args))
 
             def grad(*d_out):
-                return tuple(bwd(residuals, d_out[0] if len(d_out) == 1 else d_out))
+                grads = bwd(residuals, d_out[0] if len(d_out) == 1 else d_out)
+                return tuple(None if g is None else _first_order_only(g) for g in grads)
 
             return out, grad
 

@@ -10,7 +10,7 @@ from uniattn import backends
 
 from .cases import CASES
 from .harness import prepare
-from .tolerances import assert_close, gradient_scale
+from .tolerances import assert_close, assert_gradients_close
 
 AGREEMENT_CASES = [
     "non-divisible",
@@ -47,13 +47,4 @@ def test_backends_agree_gradients(selected, name):
         if b.has_autodiff:
             grads[b.name] = prepare(b, CASES[name], "float32").gradients()
     for (a, x), (b, y) in itertools.combinations(grads.items(), 2):
-        scale = gradient_scale(x.values())
-        for arg in x:
-            assert_close(
-                y[arg],
-                x[arg],
-                "float32",
-                kind="gradient",
-                scale=scale,
-                what=f"{a} vs {b} d_{arg} on {name!r}",
-            )
+        assert_gradients_close(y, x, "float32", what=f"{a} vs {b} on {name!r}")

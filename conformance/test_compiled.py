@@ -9,7 +9,7 @@ import uniattn
 
 from .cases import CASES
 from .harness import prepare
-from .tolerances import assert_close, gradient_scale
+from .tolerances import assert_close, assert_gradients_close
 
 COMPILED_CASES = ["non-divisible", "mask-and-bias-causal", "gqa"]
 
@@ -30,18 +30,9 @@ def test_compiled_forward_equals_eager(backend, name):
 
 
 def _check_gradients(p, grads, what):
-    expected = list(p.reference_gradients().values())
-    scale = gradient_scale(expected)
-    for g, e in zip(grads, expected, strict=True):
-        assert_close(
-            p.backend.to_numpy(g),
-            e,
-            "float32",
-            kind="gradient",
-            scale=scale,
-            what=what,
-            repro=p.repro,
-        )
+    expected = p.reference_gradients()
+    actual = {n: p.backend.to_numpy(g) for n, g in zip(expected, grads, strict=True)}
+    assert_gradients_close(actual, expected, "float32", what=what, repro=p.repro)
 
 
 @pytest.mark.needs_autodiff

@@ -10,7 +10,7 @@ from uniattn import reference
 
 from .cases import CASES, Case
 from .harness import prepare
-from .tolerances import assert_close, gradient_scale
+from .tolerances import assert_close, assert_gradients_close
 
 
 @pytest.mark.parametrize("name", ["causal-q-longer", "mask-and-bias-causal", "gqa-mask-bhtd"])
@@ -94,19 +94,11 @@ def test_merge_halves_gradients(backend):
     """Gradients flow through lse: the merged halves differentiate like the whole."""
     p = prepare(backend, MERGE, "float64")
     _, vjp_fn = backend.vjp(lambda *a: _merged(backend, *a, split=17), *p.primals())
-    grads = dict(zip(("query", "key", "value", "bias"), vjp_fn(p.arrays["d_out"]), strict=True))
-    expected = p.reference_gradients()
-    scale = gradient_scale(expected.values())
-    for name, g in grads.items():
-        assert_close(
-            backend.to_numpy(g),
-            expected[name],
-            "float64",
-            kind="gradient",
-            scale=scale,
-            what=f"d_{name} through merged halves",
-            repro=p.repro,
-        )
+    grads = vjp_fn(p.arrays["d_out"])
+    actual = {n: backend.to_numpy(g) for n, g in zip(p.reference_gradients(), grads, strict=True)}
+    assert_gradients_close(
+        actual, p.reference_gradients(), "float64", what="through merged halves", repro=p.repro
+    )
 
 
 def test_vjp_with_lse_cotangent(backend):
@@ -137,14 +129,5 @@ def test_vjp_with_lse_cotangent(backend):
         "value": ref.dv,
         "bias": ref.d_bias + ds_lse.sum(0),
     }
-    scale = gradient_scale(expected.values())
-    for name, g in zip(("query", "key", "value", "bias"), grads, strict=True):
-        assert_close(
-            backend.to_numpy(g),
-            expected[name],
-            "float64",
-            kind="gradient",
-            scale=scale,
-            what=f"d_{name} with d_lse",
-            repro=p.repro,
-        )
+    actual = {n: backend.to_numpy(g) for n, g in zip(expected, grads, strict=True)}
+    assert_gradients_close(actual, expected, "float64", what="with d_lse", repro=p.repro)

@@ -72,3 +72,19 @@ def assert_close(
             f"{what}: relative error {err:.3g} exceeds the {dtype} {kind} tolerance {tol:g}"
             + (f"\n{repro}" if repro else "")
         )
+
+
+def assert_gradients_close(actual: dict, expected: dict, dtype: str, *, what: str, repro: str = ""):
+    """Assert each named gradient matches, judged against the largest expected gradient."""
+    assert actual.keys() == expected.keys(), (sorted(actual), sorted(expected))
+    scale = gradient_scale(expected.values())
+    for name in expected:
+        assert_close(
+            actual[name],
+            expected[name],
+            dtype,
+            kind="gradient",
+            scale=scale,
+            what=f"d_{name} ({what})",
+            repro=repro,
+        )

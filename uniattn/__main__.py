@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     print(
         f"  error: float32, batch {c['batch']}, q_len {c['q_len']}, kv_len {c['kv_len']}, "
         f"{c['heads']} heads on {c['kv_heads']} kv heads, d {c['d']}, causal; max|x - ref| / max|ref| "
-        "against the float64 reference (gradients: dq, dk, dv)"
+        "against the float64 reference (gradients: dq, dk, dv, over the largest gradient)"
     )
     print(
         f"  time:  forward, float32, n {s['n']}, {s['heads']} heads, d {s['d']}, median of 3, "
