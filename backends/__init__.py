@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -40,11 +39,6 @@ def load(name: str) -> Backend:
     if name not in REGISTRY:
         raise ValueError(f"backend must be one of {sorted(REGISTRY)}; got {name!r}")
     return importlib.import_module(f"{__name__}.{name}").backend
-
-
-def loaded() -> list[Backend]:
-    """Adapters of the frameworks that are already imported, in registry order."""
-    return [load(name) for name, module in REGISTRY.items() if module in sys.modules]
 
 
 def installed() -> list[str]:
