@@ -53,13 +53,21 @@ def python_scan(step: Callable, init: Any, slices: Sequence, length: int, stack:
     """
     carry, ys = init, []
     for i in range(length):
-        carry, y = step(carry, tuple(s[i] for s in slices))
+        carry, y = step(carry, i, tuple(s[i] for s in slices))
         ys.append(y)
     if not ys or ys[0] is None:
         return carry, None
     if isinstance(ys[0], tuple):
         return carry, tuple(None if p[0] is None else stack(list(p)) for p in zip(*ys, strict=True))
     return carry, stack(ys)
+
+
+def python_fori(lower: Any, upper: Any, body: Callable, init: Any) -> Any:
+    """:meth:`Backend.fori_loop` as a Python loop (bounds may be 0-d arrays)."""
+    carry = init
+    for i in range(int(lower), int(upper)):
+        carry = body(i, carry)
+    return carry
 
 
 class Backend:
@@ -121,17 +129,38 @@ class Backend:
     # -- primitives used by the algorithm ---------------------------------------------
     def scan(
         self,
-        step: Callable[[Any, Any], tuple[Any, Any]],
+        step: Callable[[Any, Any, tuple], tuple[Any, Any]],
         init: Any,
         xs: Sequence[Any],
         length: int,
     ) -> tuple[Any, Any]:
-        """``lax.scan``: ``step(carry, x_i) -> (carry, y_i)`` over the leading axis of ``xs``.
+        """``lax.scan`` that also passes the index: ``step(carry, i, x_i) -> (carry, y_i)``.
 
         ``carry`` is a tuple of arrays and Nones (possibly empty) whose shapes and dtypes
-        do not change; ``xs`` is a tuple of arrays of leading size ``length``; ``y_i`` is
+        do not change; ``xs`` is a tuple of arrays of leading size ``length``; ``i`` is a
+        Python int in an eager loop, an int32 scalar array in a traced one; ``y_i`` is
         None, an array or a tuple of arrays and Nones. Returns the final carry and the
         ``y_i`` stacked on a new leading axis, with the structure of ``y_i``.
+        """
+        raise NotImplementedError
+
+    def fori_loop(
+        self, lower: Any, upper: Any, body: Callable[[Any, Any], Any], init: Any, max_trips: int
+    ) -> Any:
+        """``carry = body(i, carry)`` for ``i`` in ``range(lower, upper)``; returns ``carry``.
+
+        The bounds are Python ints or int scalar arrays (traced or data-dependent); the
+        caller guarantees ``upper - lower <= max_trips`` (a static bound, for compilers).
+        ``carry`` is as in :meth:`scan`. Differentiable in reverse mode wherever the
+        framework's loops are: the work skipped by the bounds is never computed.
+        """
+        raise NotImplementedError
+
+    def add_at(self, x: Any, start: Any, update: Any, axis: int) -> Any:
+        """``x`` plus ``update`` on ``[start, start + update.shape[axis])`` along ``axis``.
+
+        Functional semantics, but ``x`` may be updated in place: the caller never uses
+        ``x`` again (like a donated buffer). ``start`` is an int or an int scalar array.
         """
         raise NotImplementedError
 

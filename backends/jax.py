@@ -27,7 +27,25 @@ class JaxBackend(Backend):
         return jax.jit(fn)
 
     def scan(self, step, init, xs, length):
-        return jax.lax.scan(step, init, tuple(xs), length=length)
+        index = jnp.arange(length, dtype=jnp.int32)
+        return jax.lax.scan(lambda c, x: step(c, x[0], x[1:]), init, (index, *xs), length=length)
+
+    def fori_loop(self, lower, upper, body, init, max_trips):
+        if isinstance(lower, int) and isinstance(upper, int):
+            return jax.lax.fori_loop(lower, upper, body, init)  # a scan: differentiable
+
+        # Dynamic bounds: a while loop would not be reverse-differentiable, so scan over
+        # the static bound and skip the trips past ``upper`` with a (real) branch.
+        def step(carry, trip):
+            i = lower + trip
+            return jax.lax.cond(i < upper, body, lambda _, c: c, i, carry), None
+
+        return jax.lax.scan(step, init, jnp.arange(max_trips, dtype=jnp.int32))[0]
+
+    def add_at(self, x, start, update, axis):
+        lax = jax.lax
+        part = lax.dynamic_slice_in_dim(x, start, update.shape[axis], axis) + update
+        return lax.dynamic_update_slice_in_dim(x, part, start, axis)  # in place under XLA
 
     def remat(self, fn):
         # prevent_cse=False is safe (and faster) inside scan, where every call lives.

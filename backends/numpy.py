@@ -5,7 +5,7 @@ from __future__ import annotations
 import array_api_compat.numpy as xp
 import numpy as np
 
-from . import Backend, python_scan
+from . import Backend, python_fori, python_scan
 
 
 class NumPyBackend(Backend):
@@ -24,6 +24,14 @@ class NumPyBackend(Backend):
 
     def scan(self, step, init, xs, length):
         return python_scan(step, init, xs, length, np.stack)
+
+    def fori_loop(self, lower, upper, body, init, max_trips):
+        return python_fori(lower, upper, body, init)
+
+    def add_at(self, x, start, update, axis):
+        start = int(start)
+        x[(slice(None),) * (axis % x.ndim) + (slice(start, start + update.shape[axis]),)] += update
+        return x
 
     def custom_vjp(self, fwd, bwd):
         return lambda *args: fwd(*args)[0]

@@ -12,12 +12,14 @@ import contextlib
 import numpy as np
 import tensorflow as tf
 
-from . import Backend, python_scan
+from . import Backend, python_fori, python_scan
 
 
 def _like(value, other):
     """``value`` as a tensor of ``other``'s dtype when it is a Python scalar."""
-    return tf.constant(value, dtype=other.dtype) if isinstance(value, (int, float)) else value
+    if not isinstance(value, (int, float)):
+        return value
+    return tf.constant(value, dtype=getattr(other, "dtype", None))
 
 
 class Namespace:
@@ -26,6 +28,11 @@ class Namespace:
     bool = tf.bool
     int32, int64 = tf.int32, tf.int64
     float16, bfloat16, float32, float64 = tf.float16, tf.bfloat16, tf.float32, tf.float64
+
+    @staticmethod
+    def asarray(obj, /, *, dtype=None, device=None, copy=None):
+        x = tf.convert_to_tensor(obj)
+        return x if dtype is None else tf.cast(x, dtype)
 
     @staticmethod
     def astype(x, dtype, /, *, copy=True):
@@ -77,6 +84,19 @@ class Namespace:
     @staticmethod
     def maximum(x1, x2, /):
         return tf.maximum(x1, x2)
+
+    @staticmethod
+    def minimum(x1, x2, /):
+        return tf.minimum(x1, x2)
+
+    @staticmethod
+    def clip(x, /, min=None, max=None):
+        x = x if min is None else tf.maximum(x, _like(min, x))
+        return x if max is None else tf.minimum(x, _like(max, x))
+
+    @staticmethod
+    def zeros_like(x, /, *, dtype=None, device=None):
+        return tf.zeros_like(x, dtype=dtype)
 
     @staticmethod
     def max(x, /, *, axis=None, keepdims=False):
@@ -156,7 +176,7 @@ class TensorFlowBackend(Backend):
         # Graph mode: peel step 0 to learn the structure of y, then a tf.while_loop over
         # TensorArrays (whose gradients stack, like lax.scan's). None leaves stay outside.
         inputs = [tf.TensorArray(x.dtype, size=length).unstack(x) for x in xs]
-        carry, y = step(init, tuple(t.read(0) for t in inputs))
+        carry, y = step(init, 0, tuple(t.read(0) for t in inputs))
         if length == 1:  # XLA rejects the gradient of a while loop of 0 iterations
             return carry, _rebuild(y, [a[None] for a in _leaves(y)])
         outs = [
@@ -165,7 +185,7 @@ class TensorFlowBackend(Backend):
         ]
 
         def body(i, carry_leaves, outs):
-            c, y_i = step(_rebuild(carry, carry_leaves), tuple(t.read(i) for t in inputs))
+            c, y_i = step(_rebuild(carry, carry_leaves), i, tuple(t.read(i) for t in inputs))
             return (
                 i + 1,
                 _leaves(c),
@@ -179,6 +199,30 @@ class TensorFlowBackend(Backend):
             maximum_iterations=length - 1,
         )
         return _rebuild(carry, carry_leaves), _rebuild(y, [o.stack() for o in outs])
+
+    def fori_loop(self, lower, upper, body, init, max_trips):
+        if tf.executing_eagerly():
+            return python_fori(lower, upper, body, init)
+
+        def loop_body(i, leaves):
+            return i + 1, _leaves(body(i, _rebuild(init, leaves)))
+
+        lower = tf.convert_to_tensor(lower, tf.int32)
+        _, leaves = tf.while_loop(
+            lambda i, _: i < upper, loop_body, (lower, _leaves(init)), maximum_iterations=max_trips
+        )
+        return _rebuild(init, leaves)
+
+    def add_at(self, x, start, update, axis):
+        # XLA needs static paddings and slice sizes, so no tf.pad / tf.slice at a traced
+        # start: gather the update onto x's positions along axis and add it where it lands.
+        axis %= x.ndim
+        size = update.shape[axis]
+        offset = tf.range(x.shape[axis]) - start
+        inside = tf.logical_and(offset >= 0, offset < size)
+        spread = tf.gather(update, tf.clip_by_value(offset, 0, size - 1), axis=axis)
+        inside = tf.reshape(inside, [-1 if i == axis else 1 for i in range(x.ndim)])
+        return x + tf.where(inside, spread, tf.zeros((), x.dtype))
 
     def remat(self, fn):
         # tf.recompute_grad differentiates its float tensor arguments only; everything

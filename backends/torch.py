@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 
-from . import Backend, python_scan
+from . import Backend, python_fori, python_scan
 
 
 def _needs_grad(args):
@@ -58,6 +58,17 @@ class TorchBackend(Backend):
         # unbind once: its backward stacks the chunk gradients in one go, where indexing
         # each step would scatter into a fresh zero tensor per chunk.
         return python_scan(step, init, [x.unbind(0) for x in xs], length, torch.stack)
+
+    def fori_loop(self, lower, upper, body, init, max_trips):
+        return python_fori(lower, upper, body, init)
+
+    def add_at(self, x, start, update, axis):
+        start, size = int(start), update.shape[axis]
+        if _needs_grad((x, update)):  # out of place: autograd may need x as it was
+            part = x.narrow(axis, start, size) + update
+            return x.slice_scatter(part, dim=axis, start=start, end=start + size)
+        x.narrow(axis, start, size).add_(update)
+        return x
 
     def remat(self, fn):
         def rematerialised(*args):

@@ -27,6 +27,9 @@ def attention(
     bias: Any = None,
     mask: Any = None,
     causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    query_lengths: Any = None,
+    key_lengths: Any = None,
     scale: float | None = None,
     layout: Layout = "BTHD",
     query_chunk_size: int | None = None,
@@ -49,13 +52,28 @@ def attention(
         Same framework and dtype as ``query``; ``heads`` must be a multiple of
         ``kv_heads`` (grouped-query attention; repeated keys are never materialised).
     value : array, shape ``[*batch, kv_len, kv_heads, d_v]``
-    bias : array, optional
+    bias : array or callable, optional
         Added to the scaled scores; broadcastable to ``[*batch, heads, q_len, kv_len]``.
-    mask : bool array, optional
-        True where a query may attend a key; broadcastable like ``bias``.
+        A callable ``bias(q_idx, k_idx)`` is called per chunk with the absolute positions
+        of its rows and keys, int32 arrays ``[q_chunk, 1]`` and ``[1, k_chunk]`` of the
+        inputs' framework, and returns a float array broadcastable to
+        ``[*batch, heads, q_chunk, k_chunk]`` (ALiBi, relative positions: never n x n).
+    mask : bool array or callable, optional
+        True where a query may attend a key; broadcastable like ``bias``, or a callable
+        like ``bias``'s returning a bool array.
     causal : bool
         Query ``i`` attends key ``j`` iff ``j <= i + kv_len - q_len`` (aligned to the
         bottom right, as FlashAttention; the usual mask when ``q_len == kv_len``).
+        Key chunks above the diagonal are skipped, so it costs about half.
+    window : (left, right), optional
+        Local attention: with ``i' = i + kv_len - q_len``, key ``j`` is attended iff
+        ``i' - left <= j <= i' + right``; None on a side leaves it unbounded. Combines
+        with ``causal``. Key chunks outside every row's window are skipped.
+    query_lengths, key_lengths : int array ``[*batch]``, optional
+        Valid lengths of each batch element (same framework as the inputs): keys at
+        index ``>= key_lengths`` are ignored; query rows at index ``>= query_lengths``
+        are padding and give 0 (lse ``-inf``, zero gradient). Chunks past the longest
+        length are skipped.
     scale : float, optional
         Multiplies the scores; default ``1 / sqrt(d_k)``.
     layout : {"BTHD", "BHTD"}
@@ -81,14 +99,21 @@ def attention(
     array, shape ``[*batch, q_len, heads, d_v]`` (layout "BTHD"), or ``(out, lse)``
         Same framework, dtype and device as the inputs. Rows that may attend no key are 0.
 
+    Notes
+    -----
+    A callable ``bias`` gets no gradient of its own; arrays it closes over receive
+    gradients with ``backward="autodiff"`` only. Pass the same function object on every
+    call: compiled variants are cached per function.
+
     Raises
     ------
     TypeError
         Arrays of different or unsupported frameworks, non-float or mismatched dtypes, a
-        non-bool mask, non-bool ``causal`` or ``return_lse``.
+        non-bool mask, non-integer lengths, non-bool ``causal`` or ``return_lse``, a
+        callable bias or mask returning the wrong type.
     ValueError
-        Mismatched shapes, a bad layout, non-positive chunk sizes, ``heads`` not divisible
-        by ``kv_heads``, a bad ``backward``.
+        Mismatched shapes, a bad layout or window, non-positive chunk sizes, ``heads``
+        not divisible by ``kv_heads``, a bad ``backward``.
     """
     call = _prepare(
         query,
@@ -97,6 +122,9 @@ def attention(
         bias=bias,
         mask=mask,
         causal=causal,
+        window=window,
+        query_lengths=query_lengths,
+        key_lengths=key_lengths,
         scale=scale,
         layout=layout,
         query_chunk_size=query_chunk_size,
@@ -106,7 +134,7 @@ def attention(
     )
     with call.backend.device_scope(call.arrays[0]):
         if backward == "custom":
-            out, lse = _staged_custom(call.backend, call.options, *call.present)(*call.given)
+            out, lse = _staged_custom(call.backend, call.options, call.present)(*call.given)
         else:
             out, lse = _staged_forward(call.backend, call.options, remat=True)(*call.arrays)
         return call.restore_result(out, lse)
@@ -120,6 +148,9 @@ def vjp(
     bias: Any = None,
     mask: Any = None,
     causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    query_lengths: Any = None,
+    key_lengths: Any = None,
     scale: float | None = None,
     layout: Layout = "BTHD",
     query_chunk_size: int | None = None,
@@ -130,7 +161,7 @@ def vjp(
     """Attention output and a function of the output cotangent returning the gradients.
 
     Takes the arguments of :func:`attention`. ``vjp_fn(d_out)`` returns ``(dq, dk, dv)``,
-    plus ``d_bias`` when an array ``bias`` is given, each shaped and typed like its
+    plus ``d_bias`` when ``bias`` is an array (not a callable), each shaped and typed like its
     input. With ``return_lse=True`` the output is ``(out, lse)`` and ``vjp_fn`` takes
     ``(d_out, d_lse)``. With ``backward="custom"`` (default) the gradients come from
     uniattn's own backward on every backend, NumPy included; with "autodiff" from the
@@ -144,6 +175,9 @@ def vjp(
     options = dict(
         mask=mask,
         causal=causal,
+        window=window,
+        query_lengths=query_lengths,
+        key_lengths=key_lengths,
         scale=scale,
         layout=layout,
         query_chunk_size=query_chunk_size,
@@ -158,9 +192,10 @@ def vjp(
                 f"backward='autodiff' needs a framework with autodiff; "
                 f"{backend.name} has none: use backward='custom'"
             )
-        primals = (query, key, value) if bias is None else (query, key, value, bias)
+        bias_is_array = call.present[0]
+        primals = (query, key, value, bias) if bias_is_array else (query, key, value)
 
-        def fn(q, k, v, b=None):
+        def fn(q, k, v, b=bias):
             return attention(q, k, v, bias=b, backward="autodiff", **options)
 
         return backend.vjp(fn, *primals)
@@ -189,13 +224,12 @@ def _staged_backward(backend: Backend, options: _chunked.Options):
 
 
 @functools.lru_cache(maxsize=256)
-def _staged_custom(backend: Backend, options: _chunked.Options, has_bias: bool, has_mask: bool):
+def _staged_custom(backend: Backend, options: _chunked.Options, present: tuple[bool, ...]):
     # Not staged as a whole: the forward and backward it calls are, and are shared with
     # uniattn.vjp (an eager JAX caller compiles each once per shape).
     return _chunked.differentiable(
         backend,
-        has_bias,
-        has_mask,
+        present,
         _staged_forward(backend, options, remat=False),
         _staged_backward(backend, options),
     )
@@ -206,7 +240,8 @@ class _Call:
     """A validated call: the backend, canonical arrays and how to undo the layout."""
 
     backend: Backend
-    arrays: tuple  # q, k, v, bias, mask in the canonical layout of uniattn._chunked
+    # q, k, v, bias, mask, query_lengths, key_lengths in uniattn._chunked's layout
+    arrays: tuple
     options: _chunked.Options
     batch: tuple[int, ...]
     heads: int
@@ -217,13 +252,13 @@ class _Call:
     bias_shape: tuple[int, ...] | None
 
     @property
-    def present(self) -> tuple[bool, bool]:
-        """Whether a bias and a mask were given."""
-        return self.arrays[3] is not None, self.arrays[4] is not None
+    def present(self) -> tuple[bool, ...]:
+        """Whether each of bias, mask, query_lengths, key_lengths is given as an array."""
+        return tuple(x is not None for x in self.arrays[3:])
 
     @property
     def given(self) -> tuple:
-        """q, k, v and the bias and mask that were given."""
+        """q, k, v and the optional arrays that were given."""
         return tuple(x for x in self.arrays if x is not None)
 
     def _to_user(self, x, heads):
@@ -262,10 +297,9 @@ class _Call:
                 f"d_out must be a {backend.name} array shaped like the output "
                 f"{expected}; got {type_name(d_out)} of shape {tuple(d_out.shape)}"
             )
-        d_out = backend.prepare(d_out)
-        if self.layout == "BTHD":
-            d_out = _swap_length_and_heads(xp, d_out)
-        d_out = xp.reshape(d_out, q.shape[:-1] + d_out.shape[-1:])
+        d_out = _canonical(
+            xp, backend.prepare(d_out), self.layout, self.kv_heads, self.heads // self.kv_heads
+        )
         if d_lse is None:
             return d_out, None
         lse_shape = (*self.batch, self.heads, q.shape[-2])
@@ -285,6 +319,9 @@ def _prepare(
     bias,
     mask,
     causal,
+    window,
+    query_lengths,
+    key_lengths,
     scale,
     layout,
     query_chunk_size,
@@ -292,9 +329,14 @@ def _prepare(
     backward,
     return_lse,
 ) -> _Call:
-    backend = backend_of(query=query, key=key, value=value, bias=bias, mask=mask)
+    arrays = dict(query=query, key=key, value=value, bias=bias, mask=mask)
+    arrays.update(query_lengths=query_lengths, key_lengths=key_lengths)
+    backend = backend_of(**{n: x for n, x in arrays.items() if not callable(x)})
     query, key, value = (backend.prepare(x) for x in (query, key, value))
-    bias, mask = (None if x is None else backend.prepare(x) for x in (bias, mask))
+    bias, mask, query_lengths, key_lengths = (
+        x if x is None or callable(x) else backend.prepare(x)
+        for x in (bias, mask, query_lengths, key_lengths)
+    )
     xp = backend.namespace()
 
     if layout not in LAYOUTS:
@@ -304,6 +346,9 @@ def _prepare(
     for name, flag in (("causal", causal), ("return_lse", return_lse)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool; got {type_name(flag)}")
+    left, right = _check_window(window)
+    if causal:
+        right = 0 if right is None else min(right, 0)
     scale = _check_scale(scale)
     default_q_chunk, default_k_chunk = backend.default_chunks
     q_chunk = _check_chunk("query_chunk_size", query_chunk_size, default_q_chunk)
@@ -355,36 +400,112 @@ def _prepare(
         )
 
     target = (*batch, heads, q_len, kv_len)
-    if bias is not None:
-        _check_float("bias", backend, bias)
-    if mask is not None and backend.dtype_name(mask) != "bool":
-        raise TypeError(f"mask must be a bool array; got dtype {backend.dtype_name(mask)}")
     groups = heads // kv_heads
-
-    def canonical(x):  # [*batch, heads, len, dim] -> [*batch, kv_heads, groups, len, dim]
-        if layout == "BTHD":
-            x = _swap_length_and_heads(xp, x)
-        n_heads = x.shape[-3]
-        split = (kv_heads, groups) if n_heads == heads else (n_heads, 1)
-        return xp.reshape(x, (*batch, *split, *x.shape[-2:]))
-
+    score_operands = {}
+    for name, x in (("bias", bias), ("mask", mask)):
+        if callable(x):
+            score_operands[name] = _ChunkFunction(name, x, backend, batch, heads, kv_heads)
+        elif x is not None:
+            _check_score_dtype(name, backend, x)
+            score_operands[name] = _canonical_score_operand(name, x, target, kv_heads, groups, xp)
     arrays = (
-        canonical(query),
-        canonical(key),
-        canonical(value),
-        _canonical_score_operand("bias", bias, target, kv_heads, groups, xp),
-        _canonical_score_operand("mask", mask, target, kv_heads, groups, xp),
+        _canonical(xp, query, layout, kv_heads, groups),
+        _canonical(xp, key, layout, kv_heads, 1),
+        _canonical(xp, value, layout, kv_heads, 1),
+        None if callable(bias) else score_operands.get("bias"),
+        None if callable(mask) else score_operands.get("mask"),
+        _canonical_lengths("query_lengths", query_lengths, batch, backend),
+        _canonical_lengths("key_lengths", key_lengths, batch, backend),
     )
     options = _chunked.Options(
-        causal=causal,
         scale=(1.0 / math.sqrt(d_k) if d_k else 1.0) if scale is None else scale,
         query_chunk_size=q_chunk,
         key_chunk_size=k_chunk,
+        left=left,
+        right=right,
+        bias_fn=score_operands["bias"] if callable(bias) else None,
+        mask_fn=score_operands["mask"] if callable(mask) else None,
     )
-    bias_shape = None if bias is None else tuple(bias.shape)
+    bias_shape = None if bias is None or callable(bias) else tuple(bias.shape)
     return _Call(
         backend, arrays, options, batch, heads, kv_heads, layout, backward, return_lse, bias_shape
     )
+
+
+@dataclass(frozen=True)
+class _ChunkFunction:
+    """A callable bias or mask, its result checked and put in the canonical layout.
+
+    Hashable by the user's function, so compiled variants are cached per function.
+    """
+
+    name: str
+    fn: Callable
+    backend: Backend
+    batch: tuple[int, ...]
+    heads: int
+    kv_heads: int
+
+    def __call__(self, q_idx, k_idx):
+        x = self.fn(q_idx, k_idx)
+        if not self.backend.is_array_type(type(x)):
+            raise TypeError(
+                f"{self.name}(q_idx, k_idx) must return a {self.backend.name} array; "
+                f"got {type_name(x)}"
+            )
+        what = f"the result of {self.name}(q_idx, k_idx)"
+        _check_score_dtype(self.name, self.backend, x, what)
+        target = (*self.batch, self.heads, q_idx.shape[0], k_idx.shape[1])
+        xp, groups = self.backend.namespace(), self.heads // self.kv_heads
+        return _canonical_score_operand(what, x, target, self.kv_heads, groups, xp)
+
+
+def _canonical(xp, x, layout, kv_heads, groups):
+    """``[*batch, heads, len, dim]`` (or BTHD) -> ``[*batch, kv_heads, groups, len, dim]``."""
+    if layout == "BTHD":
+        x = _swap_length_and_heads(xp, x)
+    return xp.reshape(x, (*x.shape[:-3], kv_heads, groups, *x.shape[-2:]))
+
+
+def _canonical_lengths(name, x, batch, backend):
+    """Check an int array ``[*batch]``; as int32 ``[*batch, 1, 1, 1, 1]``."""
+    if x is None:
+        return None
+    dtype = backend.dtype_name(x)
+    if not dtype.startswith(("int", "uint")):
+        raise TypeError(f"{name} must be an integer array [*batch]; got dtype {dtype}")
+    shape = _static_shape(name, x)
+    if shape != batch:
+        raise ValueError(
+            f"{name} must have shape [*batch] = {batch} (the batch axes of query); got {shape}"
+        )
+    xp = backend.namespace()
+    return xp.reshape(xp.astype(x, xp.int32), (*batch, 1, 1, 1, 1))
+
+
+def _check_score_dtype(name, backend, x, what=None):
+    """A mask must be bool, a bias float; ``what`` names the array in messages."""
+    dtype = backend.dtype_name(x)
+    if name == "mask" and dtype != "bool":
+        raise TypeError(f"{what or name} must be a bool array; got dtype {dtype}")
+    if name == "bias":
+        _check_float(what or name, backend, x)
+
+
+def _check_window(window):
+    """``(left, right)`` of a ``window`` argument (None: unbounded)."""
+    if window is None:
+        return None, None
+    valid = isinstance(window, (tuple, list)) and len(window) == 2
+    valid = valid and all(
+        w is None or (isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 0)
+        for w in window
+    )
+    if not valid:
+        raise ValueError(
+            f"window must be a pair (left, right) of non-negative ints or None; got {window!r}"
+        )
+    return tuple(None if w is None else int(w) for w in window)
 
 
 def _unpack(shape, layout):

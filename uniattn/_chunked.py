@@ -2,13 +2,14 @@
 
 Arrays arrive in the canonical layout prepared by :mod:`uniattn._api`::
 
-    q            [*batch, kv_heads, groups, q_len, d_k]   (heads = kv_heads * groups)
-    k            [*batch, kv_heads, 1,      kv_len, d_k]
-    v            [*batch, kv_heads, 1,      kv_len, d_v]
-    bias, mask   same rank as q; every axis either full or 1 (broadcast)
+    q              [*batch, kv_heads, groups, q_len, d_k]   (heads = kv_heads * groups)
+    k              [*batch, kv_heads, 1,      kv_len, d_k]
+    v              [*batch, kv_heads, 1,      kv_len, d_v]
+    bias, mask     same rank as q; every axis either full or 1 (broadcast)
+    q/k_lengths    [*batch, 1, 1, 1, 1] int32, or None
 
-**Forward** (:func:`forward`): the outer loop runs over query chunks, the inner loop over
-key chunks. The inner loop carries, per query row, the running maximum ``m`` of the
+**Forward** (:func:`forward`): the outer loop runs over blocks of query rows, the inner
+loop over key chunks. The inner loop carries, per row, the running maximum ``m`` of the
 scores, the running sum ``l`` of ``exp(score - m)`` and the unnormalised output ``acc``;
 each key chunk rescales them by ``exp(m_old - m_new)``. It returns the output and the
 per-row logsumexp ``m + log(l)``.
@@ -17,18 +18,23 @@ per-row logsumexp ``m + log(l)``.
 logsumexp alone, recompute each chunk's probabilities ``P = exp(S - lse)``; with
 ``Δ = rowsum(dO ∘ O)``, ``dV += Pᵀ dO``, ``dS = P ∘ (dO Vᵀ - Δ)``, ``dQ += dS K``,
 ``dK += dSᵀ Q`` and ``d_bias = dS``. The outer loop runs over key chunks (dK, dV in the
-inner carry); each key chunk's dQ leaves the inner loop as stacked outputs and is added
-to a dQ carried by the outer loop, so nothing is written in place.
+inner carry, dQ added to its rows of a carried array with the adapter's ``add_at``).
+
+**Chunks**: a length its chunk size does not divide gets a last chunk that ends at the
+length and overlaps its predecessor; the overlapped positions are masked out of it, so
+every chunk has one static shape and nothing is padded. **Skipping**: causal, window and
+length masks bound the inner loops (``fori_loop(lower, upper)``): key chunks no row of a
+block can see, and row blocks that see none of a key chunk, are never computed.
 
 Only one ``q_chunk x k_chunk`` block of scores per head exists at a time. Loops,
-rematerialisation and ``stop_gradient`` come from the backend adapter; the rest is
-array-API calls on ``xp``. A length that its chunk size does not divide is handled by a
-scan over the full chunks and one static tail chunk: exact, nothing padded.
+rematerialisation, ``stop_gradient`` and ``add_at`` come from the backend adapter; the
+rest is array-API calls on ``xp``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 NEG_INF = float("-inf")
@@ -36,26 +42,75 @@ NEG_INF = float("-inf")
 
 @dataclass(frozen=True)
 class Options:
-    """Static (hashable) options of one call, after validation."""
+    """Static (hashable) options of one call, after validation.
 
-    causal: bool
+    ``left``/``right`` bound the keys a query sees relative to its diagonal (None:
+    unbounded; ``causal`` is ``right=0``). ``bias_fn``/``mask_fn`` map absolute positions
+    ``([q_chunk, 1], [1, k_chunk])`` to a block in the canonical layout.
+    """
+
     scale: float
     query_chunk_size: int
     key_chunk_size: int
+    left: int | None = None
+    right: int | None = None
+    bias_fn: Callable | None = None
+    mask_fn: Callable | None = None
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """One axis cut into ``count`` chunks of ``size``; the last one ends at ``length``."""
+
+    length: int
+    size: int
+    xp: Any = field(compare=False, repr=False, default=None)
+
+    @property
+    def count(self) -> int:
+        return -(-self.length // self.size)
+
+    @property
+    def overlaps(self) -> bool:
+        return self.length % self.size != 0
+
+    def start(self, index):
+        """First position of chunk ``index`` (the last chunk's is pulled back)."""
+        start = index * self.size
+        return _min(self.xp, start, self.length - self.size) if self.overlaps else start
 
 
 class _Context:
-    """What every chunk of one call shares: namespace, dtypes, lengths and the mask rule."""
+    """What every chunk of one call shares: namespace, dtypes, axes and the mask rules.
 
-    def __init__(self, backend, q, k, options: Options):
+    A single query row (decoding) is computed with its ``groups`` query heads folded into
+    rows, so each key chunk is multiplied once per key/value head, not once per query head.
+    """
+
+    def __init__(self, backend, q, k, q_lengths, k_lengths, options: Options):
         self.backend, self.options = backend, options
         self.xp = xp = backend.namespace()
         self.device = backend.device(q)
         self.in_dtype = q.dtype
         self.acc_dtype = xp.float64 if q.dtype == xp.float64 else xp.float32
         self.q_len, self.kv_len = q.shape[-2], k.shape[-2]
-        self.cq = min(options.query_chunk_size, max(self.q_len, 1))
-        self.ck = min(options.key_chunk_size, max(self.kv_len, 1))
+        self.folded = self.q_len == 1 and q.shape[-3] > 1
+        # Folded rows are the query heads of one position: always a single block.
+        n_rows = q.shape[-3] if self.folded else self.q_len
+        row_chunk = n_rows if self.folded else options.query_chunk_size
+        self.rows = _Axis(n_rows, min(row_chunk, max(n_rows, 1)), xp)
+        self.keys = _Axis(self.kv_len, min(options.key_chunk_size, max(self.kv_len, 1)), xp)
+        self.q_lengths, self.k_lengths = q_lengths, k_lengths
+        self.q_max = None if q_lengths is None else xp.max(q_lengths)
+        self.k_max = None if k_lengths is None else xp.max(k_lengths)
+        self.empty = 0 in q.shape[:-1] or self.kv_len == 0
+
+    # -- layout --------------------------------------------------------------------------
+    def fold(self, x):
+        """A row-axis operand with the groups axis folded into rows (decoding only)."""
+        if x is None or not self.folded:
+            return x
+        return self.xp.permute_dims(x, (*range(x.ndim - 3), x.ndim - 2, x.ndim - 3, x.ndim - 1))
 
     def lift(self, x):
         """``x`` in the accumulation dtype (float32, or float64 for float64 inputs)."""
@@ -64,63 +119,136 @@ class _Context:
     def zeros(self, shape):
         return self.xp.zeros(shape, dtype=self.acc_dtype, device=self.device)
 
-    def scores(self, q_c, kt_c, bias_c, mask_c, q_start, k_start):
-        """Scaled scores of a chunk pair, -inf where not attended.
+    # -- masking -------------------------------------------------------------------------
+    def _arange(self, start, n):
+        return self.xp.arange(n, dtype=self.xp.int32, device=self.device) + start
 
-        ``q_c`` is pre-scaled and the keys come transposed (``kt_c``: ``[.., d_k, k_chunk]``):
-        transposing once outside the loops spares XLA a transpose copy in every step.
+    def scores(self, q_c, kt_c, bias_c, mask_c, r_index, k_index, mask_overlap_rows=False):
+        """Scaled scores of row block ``r_index`` and key chunk ``k_index``; -inf where
+        not attended. ``q_c`` is pre-scaled and the keys come transposed (``kt_c``:
+        ``[.., d_k, k_chunk]``), transposed once outside the loops.
         """
-        xp = self.xp
+        xp, o = self.xp, self.options
+        r_start, k_start = self.rows.start(r_index), self.keys.start(k_index)
+        rows = xp.reshape(self._arange(r_start, q_c.shape[-2]), (-1, 1))
+        pos_q = rows * 0 if self.folded else rows  # folded rows are heads at position 0
+        pos_k = xp.reshape(self._arange(k_start, kt_c.shape[-1]), (1, -1))
+        # Callables see real query positions; folded rows get their heads' values.
+        fn_q = pos_q[:1, ...] if self.folded else pos_q
         s = xp.matmul(q_c, kt_c)
+        if o.bias_fn is not None:
+            s = s + self.lift(self.fold(o.bias_fn(fn_q, pos_k)))
         if bias_c is not None:
             s = s + bias_c
-        allowed = mask_c
-        if self.options.causal:  # j <= i + kv_len - q_len: bottom-right aligned
-            i = xp.reshape(xp.arange(q_c.shape[-2], device=self.device), (-1, 1)) + q_start
-            j = xp.reshape(xp.arange(kt_c.shape[-1], device=self.device), (1, -1)) + k_start
-            below = j <= i + (self.kv_len - self.q_len)
-            allowed = below if allowed is None else xp.logical_and(allowed, below)
+        rules = [mask_c]
+        if o.mask_fn is not None:
+            rules.append(self.fold(o.mask_fn(fn_q, pos_k)))
+        diagonal = pos_q + (self.kv_len - self.q_len)  # bottom-right aligned
+        if o.right is not None:
+            rules.append(pos_k <= diagonal + o.right)
+        if o.left is not None:
+            rules.append(pos_k >= diagonal - o.left)
+        if self.keys.overlaps:  # the last chunk's overlap belongs to its predecessor
+            rules.append(pos_k >= k_index * self.keys.size)
+        if mask_overlap_rows and self.rows.overlaps:
+            rules.append(rows >= r_index * self.rows.size)
+        if self.k_lengths is not None:
+            rules.append(pos_k < self.k_lengths)
+        if self.q_lengths is not None:
+            rules.append(pos_q < self.q_lengths)
+        allowed = None
+        for rule in rules:
+            if rule is not None:
+                allowed = rule if allowed is None else xp.logical_and(allowed, rule)
         return s if allowed is None else xp.where(allowed, s, NEG_INF)
 
-    def loop(self, step, init, splits, axis_len):
-        """Run ``step(carry, chunks, start) -> (carry, y)`` over the chunks of ``splits``.
+    # -- loop bounds ---------------------------------------------------------------------
+    def key_range(self, r_index):
+        """``(first, stop, max_trips)``: the key chunks row block ``r_index`` can see."""
+        xp, o, keys = self.xp, self.options, self.keys
+        if self.folded:
+            p_first = p_last = 0
+        else:
+            p_first = self.rows.start(r_index)
+            p_last = p_first + self.rows.size - 1
+        offset = self.kv_len - self.q_len
+        lo, hi = 0, self.kv_len - 1  # inclusive key positions
+        if o.left is not None:
+            lo = _max(xp, lo, p_first + offset - o.left)
+        if o.right is not None:
+            hi = _min(xp, hi, p_last + offset + o.right)
+        if self.k_max is not None:
+            hi = _min(xp, hi, self.k_max - 1)
+        first = _min(xp, lo // keys.size, keys.count)
+        stop = _max(xp, first, (hi + keys.size) // keys.size)  # empty when hi < lo
+        if self.q_max is not None:
+            stop = _select(xp, p_first < self.q_max, stop, first)
+        trips = keys.count
+        if o.left is not None and o.right is not None:
+            width = 0 if self.folded else self.rows.size - 1
+            trips = min(trips, (width + o.left + o.right) // keys.size + 2)
+        return first, stop, trips
 
-        The full chunks go through the backend's ``scan``, the tail (if any) through one
-        more call of ``step``. Returns ``(carry, stacked ys, tail y or None)``.
-        """
-        size = self.cq if axis_len == "q" else self.ck
-        length = self.q_len if axis_len == "q" else self.kv_len
-        count = length // size
-        starts = self.xp.arange(0, count * size, size, device=self.device)
+    def row_range(self, k_index):
+        """``(first, stop, max_trips)``: the row blocks that can see key chunk ``k_index``."""
+        xp, o, rows = self.xp, self.options, self.rows
+        k_first = k_index * self.keys.size  # nominal: the overlap is masked out
+        k_last = _min(xp, k_first + self.keys.size, self.kv_len) - 1
+        offset = self.kv_len - self.q_len
+        lo, hi = 0, self.q_len - 1  # inclusive query positions
+        if o.right is not None:
+            lo = _max(xp, lo, k_first - offset - o.right)
+        if o.left is not None:
+            hi = _min(xp, hi, k_last - offset + o.left)
+        if self.q_max is not None:
+            hi = _min(xp, hi, self.q_max - 1)
+        if self.folded:  # every row is at position 0
+            first, stop = 0, _select(xp, lo <= hi, rows.count, 0)
+            stop = _select(xp, lo <= 0, stop, 0)
+        else:
+            first = _min(xp, lo // rows.size, rows.count)
+            stop = _max(xp, first, (hi + rows.size) // rows.size)
+        if self.k_max is not None:
+            stop = _select(xp, k_first < self.k_max, stop, first)
+        trips = rows.count
+        if o.left is not None and o.right is not None and not self.folded:
+            trips = min(trips, (self.keys.size - 1 + o.left + o.right) // rows.size + 2)
+        return first, stop, trips
 
-        def scan_step(carry, xs):
-            return step(carry, _chunk_of(splits, iter(xs[:-1])), xs[-1])
+    def loop(self, step, init, splits, axis: _Axis):
+        """``step(carry, index, chunks) -> (carry, y)`` over every chunk of ``axis``;
+        returns the final carry and the stacked ys."""
+        if axis.count == 1:  # decoding: no loop at all
+            carry, y = step(init, 0, tuple(s.at(0) for s in splits))
+            return carry, _map(lambda a: a[None, ...], y)
 
-        carry, ys = self.backend.scan(scan_step, init, (*_stacked(splits), starts), count)
-        tail = None
-        if length % size:
-            carry, tail = step(carry, _tail_of(splits), count * size)
-        return carry, ys, tail
+        def scan_step(carry, index, xs):
+            return step(carry, index, _chunk_of(splits, iter(xs)))
+
+        return self.backend.scan(scan_step, init, _stacked(splits), axis.count)
 
 
-def forward(backend: Any, q, k, v, bias, mask, options: Options, remat: bool = True):
+def forward(
+    backend: Any, q, k, v, bias, mask, q_lengths, k_lengths, *, options: Options, remat=True
+):
     """Attention output ``[*batch, kv_heads, groups, q_len, d_v]`` and its logsumexp.
 
     The logsumexp ``[*batch, kv_heads, groups, q_len]`` is float32 (float64 for float64
     inputs) and ``-inf`` on rows that see no key; those rows' output is 0. With ``remat``
     the chunk computations are rematerialised when the framework differentiates them.
     """
-    c = _Context(backend, q, k, options)
+    c = _Context(backend, q, k, q_lengths, k_lengths, options)
     xp = c.xp
-    q = c.lift(q) * options.scale
-    k, v, bias = c.lift(k), c.lift(v), c.lift(bias)
-    if c.q_len == 0 or c.kv_len == 0:
-        out = xp.zeros((*q.shape[:-1], v.shape[-1]), dtype=c.in_dtype, device=c.device)
+    d_v = v.shape[-1]
+    if c.empty:
+        out = xp.zeros((*q.shape[:-1], d_v), dtype=c.in_dtype, device=c.device)
         return out, xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device)
+    q = c.lift(c.fold(q)) * options.scale
+    k, v, bias, mask = c.lift(k), c.lift(v), c.lift(c.fold(bias)), c.fold(mask)
 
-    def update(m, l, acc, q_c, kt_c, v_c, bias_c, mask_c, q_start, k_start):
-        """Fold one key chunk into the running (max, sum, accumulator) of a query block."""
-        s = c.scores(q_c, kt_c, bias_c, mask_c, q_start, k_start)
+    def update(m, l, acc, q_c, kt_c, v_c, bias_c, mask_c, r_index, k_index):
+        """Fold one key chunk into the running (max, sum, accumulator) of a row block."""
+        s = c.scores(q_c, kt_c, bias_c, mask_c, r_index, k_index)
         # The result does not depend on m, so no gradient needs to flow through it.
         m_new = xp.maximum(m, backend.stop_gradient(xp.max(s, axis=-1, keepdims=True)))
         m_ref = xp.where(m_new == NEG_INF, 0.0, m_new)  # rows that have seen no key yet
@@ -130,80 +258,72 @@ def forward(backend: Any, q, k, v, bias, mask, options: Options, remat: bool = T
         acc = acc * rescale + xp.matmul(p, v_c)
         return m_new, l, acc
 
-    def query_block(q_c, bias_c, mask_c, q_start, kt_chunks, v_chunks, kt_tail, v_tail):
-        """Output and logsumexp of one block of query rows against every key."""
+    def row_block(q_c, bias_c, mask_c, r_index, kt_chunks, v_chunks):
+        """Output and logsumexp of one block of rows against every key it can see."""
+        by_key = (_split(xp, bias_c, -1, c.keys), _split(xp, mask_c, -1, c.keys))
         rows = q_c.shape[:-1]
         init = (
             xp.full((*rows, 1), NEG_INF, dtype=c.acc_dtype, device=c.device),
             c.zeros((*rows, 1)),
-            c.zeros((*rows, v.shape[-1])),
-        )
-        splits = (
-            _Split(kt_chunks, kt_tail),
-            _Split(v_chunks, v_tail),
-            _split(xp, bias_c, -1, c.ck, c.kv_len),
-            _split(xp, mask_c, -1, c.ck, c.kv_len),
+            c.zeros((*rows, d_v)),
         )
 
-        def step(carry, chunks, k_start):
-            kt_c, v_c, bias_kc, mask_kc = chunks
-            return update(*carry, q_c, kt_c, v_c, bias_kc, mask_kc, q_start, k_start), None
+        def body(j, carry):
+            chunks = (kt_chunks[j], v_chunks[j], by_key[0].at(j), by_key[1].at(j))
+            return update(*carry, q_c, *chunks, r_index, j)
 
-        (m, l, acc), _, _ = c.loop(step, init, splits, "k")
+        first, stop, trips = c.key_range(r_index)
+        m, l, acc = backend.fori_loop(first, stop, body, init, trips)
         seen = l != 0.0
         l_safe = xp.where(seen, l, 1.0)
         lse = xp.where(seen, m + xp.log(l_safe), NEG_INF)
         return xp.astype(acc / l_safe, c.in_dtype), lse[..., 0]
 
     if remat:
-        update, query_block = backend.remat(update), backend.remat(query_block)
-    kt_split = _split(xp, xp.matrix_transpose(k), -1, c.ck, c.kv_len)
-    v_split = _split(xp, v, -2, c.ck, c.kv_len)
-    key_arrays = (kt_split.chunks, v_split.chunks, kt_split.tail, v_split.tail)
+        update, row_block = backend.remat(update), backend.remat(row_block)
+    kt_chunks = _split(xp, xp.matrix_transpose(k), -1, c.keys).chunks
+    v_chunks = _split(xp, v, -2, c.keys).chunks
 
-    def step(carry, chunks, q_start):
-        return carry, query_block(*chunks, q_start, *key_arrays)
+    def step(carry, r_index, chunks):
+        return carry, row_block(*chunks, r_index, kt_chunks, v_chunks)
 
-    splits = tuple(_split(xp, x, -2, c.cq, c.q_len) for x in (q, bias, mask))
-    _, ys, tail = c.loop(step, (), splits, "q")
-    tail = tail or (None, None)
-    return _join(xp, ys[0], tail[0], -2), _join(xp, ys[1], tail[1], -1)
+    splits = tuple(_split(xp, x, -2, c.rows) for x in (q, bias, mask))
+    _, (out, lse) = c.loop(step, (), splits, c.rows)
+    out, lse = _join(xp, out, -2, c.rows), _join(xp, lse, -1, c.rows)
+    return c.fold(out), c.fold(lse[..., None])[..., 0]
 
 
-def backward(backend: Any, q, k, v, bias, mask, out, lse, d_out, d_lse, options: Options):
+def backward(
+    backend: Any, q, k, v, bias, mask, q_lengths, k_lengths, out, lse, d_out, d_lse, *, options
+):
     """Cotangents ``(dq, dk, dv, d_bias)`` of :func:`forward`'s ``(out, lse)``.
 
     ``d_lse`` may be None. Each cotangent has its primal's shape and dtype; ``d_bias`` is
     None without a bias. Rows that see no key get zero gradients.
     """
-    c = _Context(backend, q, k, options)
+    c = _Context(backend, q, k, q_lengths, k_lengths, options)
     xp = c.xp
     dtypes = (q.dtype, k.dtype, v.dtype, None if bias is None else bias.dtype)
-    q = c.lift(q) * options.scale
-    k, v, bias, d_out = c.lift(k), c.lift(v), c.lift(bias), c.lift(d_out)
-    if c.q_len == 0 or c.kv_len == 0:
-        grads = (
-            c.zeros(q.shape),
-            c.zeros(k.shape),
-            c.zeros(v.shape),
-            None if bias is None else c.zeros(bias.shape),
-        )
-        return _cast_all(xp, grads, dtypes)
-
-    delta = xp.sum(d_out * c.lift(out), axis=-1, keepdims=True)  # Δ = rowsum(dO ∘ O)
+    if c.empty:
+        grads = (q, k, v, bias)
+        return tuple(None if g is None else xp.zeros_like(g) for g in grads)
+    q = c.lift(c.fold(q)) * options.scale
+    k, v, bias, mask = c.lift(k), c.lift(v), c.lift(c.fold(bias)), c.fold(mask)
+    d_out, out = c.lift(c.fold(d_out)), c.lift(c.fold(out))
+    lse = c.fold(lse[..., None])
+    delta = xp.sum(d_out * out, axis=-1, keepdims=True)  # Δ = rowsum(dO ∘ O)
     if d_lse is not None:  # d lse / d S = P, so d_lse joins Δ
-        delta = delta - xp.reshape(c.lift(d_lse), delta.shape)
-    lse = xp.reshape(xp.where(lse == NEG_INF, 0.0, lse), delta.shape)  # no key: P = 0
+        delta = delta - c.fold(c.lift(d_lse)[..., None])
+    lse = xp.where(lse == NEG_INF, 0.0, lse)  # rows that see no key: P = 0 anyway
 
-    def chunk_grads(
-        q_c, qt_c, do_c, dot_c, lse_c, delta_c, bias_c, mask_c, q_start, k_c, kt_c, vt_c, k_start
-    ):
+    def chunk_grads(q_c, qt_c, do_c, dot_c, lse_c, delta_c, bias_c, mask_c, r, k_c, kt_c, vt_c, j):
         """dQ of a chunk pair, and its transposed contributions dKᵀ = Qᵀ dS, dVᵀ = dOᵀ P.
 
         Every operand comes in the orientation its product needs (transposed once, outside
         the loops), so no ``q_chunk x k_chunk`` block is ever transposed.
         """
-        p = xp.exp(c.scores(q_c, kt_c, bias_c, mask_c, q_start, k_start) - lse_c)
+        s = c.scores(q_c, kt_c, bias_c, mask_c, r, j, mask_overlap_rows=True)
+        p = xp.exp(s - lse_c)
         ds = p * (xp.matmul(do_c, vt_c) - delta_c)
         dkt = _sum_groups(xp, xp.matmul(qt_c, ds))
         dvt = _sum_groups(xp, xp.matmul(dot_c, p))
@@ -211,72 +331,67 @@ def backward(backend: Any, q, k, v, bias, mask, out, lse, d_out, d_lse, options:
         return xp.matmul(ds, k_c), dkt, dvt, db
 
     t = xp.matrix_transpose
-    queries = (
-        _split(xp, q, -2, c.cq, c.q_len),
-        _split(xp, t(q), -1, c.cq, c.q_len),
-        _split(xp, d_out, -2, c.cq, c.q_len),
-        _split(xp, t(d_out), -1, c.cq, c.q_len),
-        _split(xp, lse, -2, c.cq, c.q_len),
-        _split(xp, delta, -2, c.cq, c.q_len),
+    by_rows = (
+        _split(xp, q, -2, c.rows),
+        _split(xp, t(q), -1, c.rows),
+        _split(xp, d_out, -2, c.rows),
+        _split(xp, t(d_out), -1, c.rows),
+        _split(xp, lse, -2, c.rows),
+        _split(xp, delta, -2, c.rows),
     )
+    bias_by_keys = bias is not None and bias.shape[-1] == c.kv_len
+    bias_by_rows = bias is not None and bias.shape[-2] == c.rows.length
 
-    def key_block(k_c, kt_c, vt_c, bias_k, mask_k, k_start):
-        """dK, dV of one key chunk; its contributions to dQ and d_bias over all queries."""
-        extras = (_split(xp, bias_k, -2, c.cq, c.q_len), _split(xp, mask_k, -2, c.cq, c.q_len))
-        bias_sums_q = bias_k is not None and not extras[0].is_cut  # bias broadcast over q
+    def key_block(k_c, kt_c, vt_c, bias_k, mask_k, j, dq, db):
+        """dK, dV of key chunk ``j``; its contributions added to dQ and d_bias."""
+        extras = (_split(xp, bias_k, -2, c.rows), _split(xp, mask_k, -2, c.rows))
 
-        def step(carry, chunks, q_start):
-            dq, dkt, dvt, db = chunk_grads(*chunks, q_start, k_c, kt_c, vt_c, k_start)
-            dkt_acc, dvt_acc, db_acc = carry
-            carry = (dkt_acc + dkt, dvt_acc + dvt, db_acc + db if bias_sums_q else None)
-            return carry, (dq, None if bias_sums_q else db)
+        def body(r, carry):
+            dkt, dvt, dq, db = carry
+            chunks = [s.at(r) for s in (*by_rows, *extras)]
+            g_q, g_kt, g_vt, g_b = chunk_grads(*chunks, r, k_c, kt_c, vt_c, j)
+            start = c.rows.start(r)
+            dq = backend.add_at(dq, start, g_q, -2)
+            if db is not None:
+                db = backend.add_at(db, start, g_b, -2) if bias_by_rows else db + g_b
+            return dkt + g_kt, dvt + g_vt, dq, db
 
-        init = (
-            c.zeros(kt_c.shape),
-            c.zeros(vt_c.shape),
-            c.zeros(bias_k.shape) if bias_sums_q else None,
-        )
-        (dkt, dvt, db_sum), ys, tail = c.loop(step, init, queries + extras, "q")
-        tail = tail or (None, None)
-        db = db_sum if bias_sums_q else _join(xp, ys[1], tail[1], -2)
-        return t(dkt), t(dvt), _join(xp, ys[0], tail[0], -2), db
+        if bias_by_keys:  # this chunk's columns of d_bias
+            db = c.zeros((*bias_k.shape[:-1], kt_c.shape[-1]))
+        init = (c.zeros(kt_c.shape), c.zeros(vt_c.shape), dq, db)
+        first, stop, trips = c.row_range(j)
+        dkt, dvt, dq, db = backend.fori_loop(first, stop, body, init, trips)
+        return t(dkt), t(dvt), dq, db
 
-    bias_sums_k = bias is not None and bias.shape[-1] != c.kv_len  # bias broadcast over keys
+    def step(carry, j, chunks):
+        dq, db = carry
+        dk, dv, dq, db = key_block(*chunks, j, dq, db)
+        return (dq, None if bias_by_keys else db), (dk, dv, db if bias_by_keys else None)
 
-    def step(carry, chunks, k_start):
-        dq_acc, db_acc = carry
-        dk, dv, dq, db = key_block(*chunks, k_start)
-        carry = (dq_acc + dq, db_acc + db if bias_sums_k else None)
-        return carry, (dk, dv, None if bias_sums_k else db)
-
-    splits = (
-        _split(xp, k, -2, c.ck, c.kv_len),
-        _split(xp, t(k), -1, c.ck, c.kv_len),
-        _split(xp, t(v), -1, c.ck, c.kv_len),
-        _split(xp, bias, -1, c.ck, c.kv_len),
-        _split(xp, mask, -1, c.ck, c.kv_len),
-    )
-    init = (c.zeros(q.shape), c.zeros(bias.shape) if bias_sums_k else None)
-    (dq, db_sum), ys, tail = c.loop(step, init, splits, "k")
-    tail = tail or (None, None, None)
-    dk, dv = _join(xp, ys[0], tail[0], -2), _join(xp, ys[1], tail[1], -2)
-    db = db_sum if bias_sums_k else _join(xp, ys[2], tail[2], -1)
-    return _cast_all(xp, (dq * options.scale, dk, dv, db), dtypes)
+    splits = [_split(xp, x, -2, c.keys) for x in (k,)]
+    splits += [_split(xp, x, -1, c.keys) for x in (t(k), t(v), bias, mask)]
+    init = (c.zeros(q.shape), None if bias is None or bias_by_keys else c.zeros(bias.shape))
+    (dq, db), (dk, dv, db_by_keys) = c.loop(step, init, splits, c.keys)
+    dk, dv = _join(xp, dk, -2, c.keys), _join(xp, dv, -2, c.keys)
+    if bias_by_keys:
+        db = _join(xp, db_by_keys, -1, c.keys)
+    grads = (c.fold(dq) * options.scale, dk, dv, c.fold(db))
+    return tuple(None if g is None else xp.astype(g, d) for g, d in zip(grads, dtypes, strict=True))
 
 
-def differentiable(backend: Any, has_bias: bool, has_mask: bool, forward, backward):
-    """``f(q, k, v[, bias][, mask]) -> (out, lse)`` whose gradient is ``backward``,
-    registered with the framework through the adapter's ``custom_vjp``.
+def differentiable(backend: Any, present: tuple[bool, ...], forward, backward):
+    """``f(q, k, v, *given) -> (out, lse)`` whose gradient is ``backward``, registered with
+    the framework through the adapter's ``custom_vjp``.
 
-    ``forward(q, k, v, bias, mask)`` and ``backward(q, k, v, bias, mask, out, lse, d_out,
-    d_lse)`` are this module's :func:`forward` (without remat) and :func:`backward` with
-    their options bound (and staged by the backend).
+    ``present`` says which of (bias, mask, q_lengths, k_lengths) are among ``given``.
+    ``forward(q, k, v, bias, mask, q_lengths, k_lengths)`` and ``backward(<the same>,
+    out, lse, d_out, d_lse)`` are this module's :func:`forward` (without remat) and
+    :func:`backward` with their options bound (and staged by the backend).
     """
 
     def unpack(args):
         q, k, v, *rest = args
-        bias = rest.pop(0) if has_bias else None
-        return q, k, v, bias, (rest.pop(0) if has_mask else None)
+        return q, k, v, *(rest.pop(0) if p else None for p in present)
 
     def fwd(*args):
         out, lse = forward(*unpack(args))
@@ -285,39 +400,41 @@ def differentiable(backend: Any, has_bias: bool, has_mask: bool, forward, backwa
     def bwd(residuals, cotangents):
         args, out, lse = residuals
         dq, dk, dv, db = backward(*unpack(args), out, lse, *cotangents)
-        return (dq, dk, dv) + ((db,) if has_bias else ()) + ((None,) if has_mask else ())
+        others = (db,) * present[0] + (None,) * sum(present[1:])  # no gradient: mask, lengths
+        return (dq, dk, dv, *others)
 
     return backend.custom_vjp(fwd, bwd)
 
 
 @dataclass(frozen=True)
 class _Split:
-    """An operand cut along one axis for a loop.
+    """An operand cut along one axis: ``chunks`` stacks them on a new leading axis.
 
-    ``chunks`` stacks the full chunks on a new leading axis, ``tail`` is the shorter last
-    chunk (None when the size divides the length). An operand that is None or broadcast
-    along the axis (extent 1 where the length is not) is kept ``whole`` for every chunk.
+    An operand that is None or broadcast along the axis (extent 1 where the length is
+    not) is kept ``whole`` for every chunk.
     """
 
     chunks: Any = None
-    tail: Any = None
     whole: Any = None
 
-    @property
-    def is_cut(self) -> bool:
-        return self.chunks is not None
+    def at(self, index):
+        """The operand's value in chunk ``index``."""
+        return self.whole if self.chunks is None else self.chunks[index]
 
 
-def _split(xp, x, axis: int, size: int, length: int) -> _Split:
-    """Cut ``x`` along ``axis`` of extent ``length`` (a broadcast extent 1 is not cut)."""
-    if x is None or x.shape[axis] != length:
+def _split(xp, x, axis: int, cut: _Axis) -> _Split:
+    """Cut ``x`` along ``axis`` into ``cut``'s chunks (a broadcast extent 1 is not cut)."""
+    if x is None or x.shape[axis] != cut.length:
         return _Split(whole=x)
     axis = x.ndim + axis
-    cut = length - length % size
-    head = _slice_axis(x, axis, 0, cut)
-    head = xp.reshape(head, (*x.shape[:axis], cut // size, size, *x.shape[axis + 1 :]))
+    full = cut.length // cut.size * cut.size
+    head = _slice_axis(x, axis, 0, full)
+    head = xp.reshape(head, (*x.shape[:axis], full // cut.size, cut.size, *x.shape[axis + 1 :]))
     chunks = xp.permute_dims(head, (axis, *range(axis), *range(axis + 1, head.ndim)))
-    return _Split(chunks=chunks, tail=_slice_axis(x, axis, cut, length) if cut < length else None)
+    if cut.overlaps:
+        last = _slice_axis(x, axis, cut.length - cut.size, cut.length)
+        chunks = xp.concat((chunks, last[None, ...]), axis=0)
+    return _Split(chunks=chunks)
 
 
 def _slice_axis(x, axis: int, start: int, stop: int):
@@ -326,28 +443,32 @@ def _slice_axis(x, axis: int, start: int, stop: int):
 
 def _stacked(splits) -> tuple:
     """The stacked chunks of the operands that are cut, to scan over."""
-    return tuple(s.chunks for s in splits if s.is_cut)
+    return tuple(s.chunks for s in splits if s.chunks is not None)
 
 
 def _chunk_of(splits, chunks) -> tuple:
     """Each operand's value in one scan step, given that step's slices of ``_stacked``."""
-    return tuple(next(chunks) if s.is_cut else s.whole for s in splits)
+    return tuple(s.whole if s.chunks is None else next(chunks) for s in splits)
 
 
-def _tail_of(splits) -> tuple:
-    """Each operand's value for the tail chunk."""
-    return tuple(s.tail if s.is_cut else s.whole for s in splits)
-
-
-def _join(xp, stacked, tail, axis: int):
-    """The full chunks' stacked outputs followed by the tail's, as one array along ``axis``."""
+def _join(xp, stacked, axis: int, cut: _Axis):
+    """Per-chunk outputs stacked on axis 0, as one array of ``cut.length`` along ``axis``
+    (the overlapped start of the last chunk is dropped)."""
     if stacked is None:  # an output that does not exist (no bias: no d_bias)
         return None
     pos = stacked.ndim + axis  # the chunk's own axis, once the stacking axis moves next to it
     moved = xp.permute_dims(stacked, (*range(1, pos), 0, *range(pos, stacked.ndim)))
     shape = moved.shape
     merged = xp.reshape(moved, (*shape[: pos - 1], shape[pos - 1] * shape[pos], *shape[pos + 1 :]))
-    return merged if tail is None else xp.concat((merged, tail), axis=axis)
+    if not cut.overlaps:
+        return merged
+    full = (cut.count - 1) * cut.size
+    drop = cut.count * cut.size - cut.length
+    a = pos - 1
+    return xp.concat(
+        (_slice_axis(merged, a, 0, full), _slice_axis(merged, a, full + drop, merged.shape[a])),
+        axis=a,
+    )
 
 
 def _sum_groups(xp, x):
@@ -361,7 +482,27 @@ def _sum_to(xp, x, shape):
     return xp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
-def _cast_all(xp, arrays, dtypes):
-    return tuple(
-        None if a is None else xp.astype(a, d) for a, d in zip(arrays, dtypes, strict=True)
-    )
+def _map(fn, tree):
+    return tuple(None if a is None else fn(a) for a in tree) if isinstance(tree, tuple) else tree
+
+
+# Loop bounds are Python ints where the loop index is one (eager loops) and 0-d int arrays
+# where it is traced or comes from a lengths array; these keep ints as ints.
+def _min(xp, a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    a, b = (b, a) if isinstance(a, int) else (a, b)
+    return xp.clip(a, max=b) if isinstance(b, int) else xp.minimum(a, b)
+
+
+def _max(xp, a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return max(a, b)
+    a, b = (b, a) if isinstance(a, int) else (a, b)
+    return xp.clip(a, min=b) if isinstance(b, int) else xp.maximum(a, b)
+
+
+def _select(xp, condition, a, b):
+    if isinstance(condition, bool):
+        return a if condition else b
+    return xp.where(condition, a, b)

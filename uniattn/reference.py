@@ -31,23 +31,45 @@ def attention(
     bias=None,
     mask=None,
     causal=False,
+    window=None,
+    query_lengths=None,
+    key_lengths=None,
     scale=None,
     layout="BTHD",
     return_lse=False,
 ):
-    """Reference output in float64 (and the logsumexp ``[*batch, heads, q_len]``)."""
-    out, _probs, lse = _forward(query, key, value, bias, mask, causal, scale, layout)
+    """Reference output in float64 (and the logsumexp ``[*batch, heads, q_len]``).
+
+    Takes :func:`uniattn.attention`'s semantic arguments; a callable ``bias`` or ``mask``
+    is called once with every position (NumPy int arrays ``[q_len, 1]``, ``[1, kv_len]``).
+    """
+    rules = _Rules(bias, mask, causal, window, query_lengths, key_lengths)
+    out, _probs, lse = _forward(query, key, value, rules, scale, layout)
     out = _from_bhtd(out, layout)
     return (out, lse) if return_lse else out
 
 
 def vjp(
-    query, key, value, d_out, *, bias=None, mask=None, causal=False, scale=None, layout="BTHD"
+    query,
+    key,
+    value,
+    d_out,
+    *,
+    bias=None,
+    mask=None,
+    causal=False,
+    window=None,
+    query_lengths=None,
+    key_lengths=None,
+    scale=None,
+    layout="BTHD",
 ) -> Gradients:
-    """Reference gradients of ``sum(attention(...) * d_out)``, in float64."""
+    """Reference gradients of ``sum(attention(...) * d_out)``, in float64 (``d_bias`` only
+    for an array ``bias``)."""
     q, k, v, groups = _to_bhtd(query, key, value, layout)
     s_scale = _scale(scale, q.shape[-1])
-    _out, p, _ = _forward(query, key, value, bias, mask, causal, scale, layout)
+    rules = _Rules(bias, mask, causal, window, query_lengths, key_lengths)
+    _out, p, _ = _forward(query, key, value, rules, scale, layout)
     d_o = _from_bhtd(np.asarray(d_out, np.float64), layout)  # the swap is its own inverse
     k_rep, v_rep = np.repeat(k, groups, axis=-3), np.repeat(v, groups, axis=-3)
     dv = _sum_groups(np.swapaxes(p, -1, -2) @ d_o, groups)
@@ -55,23 +77,49 @@ def vjp(
     ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))  # softmax backward
     dq = s_scale * ds @ k_rep
     dk = _sum_groups(s_scale * np.swapaxes(ds, -1, -2) @ q, groups)
-    d_bias = None if bias is None else _reduce_to(ds, np.shape(bias))
+    d_bias = None if bias is None or callable(bias) else _reduce_to(ds, np.shape(bias))
     return Gradients(*(_from_bhtd(g, layout) for g in (dq, dk, dv)), d_bias)
 
 
-def _forward(query, key, value, bias, mask, causal, scale, layout):
-    q, k, v, groups = _to_bhtd(query, key, value, layout)
-    q_len, kv_len = q.shape[-2], k.shape[-2]
-    k, v = np.repeat(k, groups, axis=-3), np.repeat(v, groups, axis=-3)
-    s = _scale(scale, q.shape[-1]) * (q @ np.swapaxes(k, -1, -2))
-    if bias is not None:
-        s = s + np.asarray(bias, np.float64)
-    allowed = np.ones(s.shape, dtype=bool)
-    if mask is not None:
-        allowed &= np.asarray(mask, bool)
-    if causal:
+@dataclass(frozen=True)
+class _Rules:
+    bias: object
+    mask: object
+    causal: bool
+    window: tuple | None
+    query_lengths: object
+    key_lengths: object
+
+    def apply(self, s):
+        """Scores ``s [*batch, heads, q_len, kv_len]`` with bias added; the allowed mask."""
+        q_len, kv_len = s.shape[-2:]
         i, j = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
-        allowed &= j <= i + (kv_len - q_len)
+        bias, mask = (f(i, j) if callable(f) else f for f in (self.bias, self.mask))
+        if bias is not None:
+            s = s + np.asarray(bias, np.float64)
+        allowed = np.ones(s.shape, dtype=bool)
+        if mask is not None:
+            allowed &= np.asarray(mask, bool)
+        diagonal = i + (kv_len - q_len)
+        if self.causal:
+            allowed &= j <= diagonal
+        left, right = self.window or (None, None)
+        if left is not None:
+            allowed &= j >= diagonal - left
+        if right is not None:
+            allowed &= j <= diagonal + right
+        batch = s.shape[:-3]
+        if self.query_lengths is not None:
+            allowed &= i < np.reshape(self.query_lengths, (*batch, 1, 1, 1))
+        if self.key_lengths is not None:
+            allowed &= j < np.reshape(self.key_lengths, (*batch, 1, 1, 1))
+        return s, allowed
+
+
+def _forward(query, key, value, rules, scale, layout):
+    q, k, v, groups = _to_bhtd(query, key, value, layout)
+    k, v = np.repeat(k, groups, axis=-3), np.repeat(v, groups, axis=-3)
+    s, allowed = rules.apply(_scale(scale, q.shape[-1]) * (q @ np.swapaxes(k, -1, -2)))
     s = np.where(allowed, s, -np.inf)
     m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
     m = np.where(np.isneginf(m), 0.0, m)
