@@ -7,6 +7,7 @@ Shapes of ``bias`` and ``mask`` are written against ``[*batch, heads, q_len, kv_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -26,8 +27,13 @@ class Case:
     d_k: int = 8
     d_v: int | None = None  # None: same as d_k
     causal: bool = False
+    window: tuple[int | None, int | None] | None = None
+    query_lengths: tuple[int, ...] | None = None  # flattened [*batch]
+    key_lengths: tuple[int, ...] | None = None
     bias: tuple[int, ...] | None = None
     mask: tuple[int, ...] | None = None
+    bias_fn: str | None = None  # a callable bias from CALLABLES (instead of an array)
+    mask_fn: str | None = None
     masked_rows: tuple[int, ...] = ()  # query rows the mask switches off entirely
     layout: str = "BTHD"
     chunks: tuple[int, int] = (16, 16)
@@ -62,6 +68,7 @@ class Case:
         """Keyword arguments of ``uniattn.attention`` (bias and mask not included)."""
         return dict(
             causal=self.causal,
+            window=self.window,
             scale=self.scale,
             layout=self.layout,
             query_chunk_size=self.chunks[0],
@@ -77,7 +84,8 @@ class Case:
         options = ", ".join(f"{k}={v!r}" for k, v in self.kwargs().items())
         return (
             f"case {self.name!r} on {backend}, {dtype} (seed {self.seed}): {shapes}, "
-            f"bias {self.bias}, mask {self.mask} (rows off: {self.masked_rows})\n"
+            f"bias {self.bias_fn or self.bias}, mask {self.mask_fn or self.mask} (rows off: "
+            f"{self.masked_rows}), lengths q {self.query_lengths} kv {self.key_lengths}\n"
             f"  uniattn.attention(query, key, value, bias=..., mask=..., {options})\n"
             f"  inputs: from conformance.cases import CASES, make_inputs; "
             f"make_inputs(CASES[{self.name!r}])\n"
@@ -99,7 +107,36 @@ def make_inputs(case: Case) -> dict[str, np.ndarray | None]:
         for row in case.masked_rows:
             mask[..., row, :] = False
     arrays["mask"] = mask
+    for name in ("query_lengths", "key_lengths"):
+        lengths = getattr(case, name)
+        arrays[name] = None if lengths is None else np.reshape(lengths, case.batch).astype(np.int32)
     return arrays
+
+
+def alibi(xp, heads: int, dtype) -> Callable:
+    """ALiBi (Press et al.): ``slope_h * (k - q)`` with slopes ``2^(-8 h / heads)``, exact in
+    float32. ``xp`` is the framework's namespace; the result is ``[heads, q_chunk, k_chunk]``."""
+    exponents = np.arange(1, heads + 1) * (-8.0 / heads)
+    slopes = xp.reshape(xp.asarray(np.exp2(exponents), dtype=dtype), (heads, 1, 1))
+
+    def bias(q_idx, k_idx):
+        return slopes * xp.astype(k_idx - q_idx, dtype)
+
+    return bias
+
+
+def documents(xp, heads: int, dtype) -> Callable:
+    """A block-diagonal mask of 16-token documents (packed sequences)."""
+    return lambda q_idx, k_idx: (q_idx // 16) == (k_idx // 16)
+
+
+def near_keys(xp, heads: int, dtype) -> Callable:
+    """A 1-D mask on keys only (``[1, k_chunk]``): every third key is hidden."""
+    return lambda q_idx, k_idx: (k_idx % 3) != 1
+
+
+#: Callable biases and masks by name: ``factory(xp, heads, dtype) -> fn(q_idx, k_idx)``.
+CALLABLES: dict[str, Callable] = {"alibi": alibi, "documents": documents, "near-keys": near_keys}
 
 
 _CASES = [
@@ -174,6 +211,77 @@ _CASES = [
     Case("mqa", 30, 45, heads=4, kv_heads=1, chunks=(8, 8)),
     Case("decode", 1, 100, heads=4, kv_heads=2, causal=True, chunks=(1, 32)),
     Case("scale", 30, 30, scale=0.05),
+    # -- window, lengths, callables (issue 4) ------------------------------------------
+    Case("window", 50, 50, window=(7, 3), chunks=(8, 8), dtypes=ALL_DTYPES),
+    Case("window-causal-left", 45, 60, causal=True, window=(10, None), chunks=(8, 16)),
+    Case("window-right-only", 40, 40, window=(None, 5), chunks=(16, 8)),
+    Case("window-q-longer", 60, 20, window=(4, 2), chunks=(16, 8)),
+    Case(
+        "window-bhtd-mask",
+        33,
+        41,
+        layout="BHTD",
+        window=(9, 9),
+        mask=(2, 1, 33, 41),
+        masked_rows=(4,),
+        chunks=(8, 8),
+    ),
+    # the third sequence has no keys at all: its rows must be 0 with zero gradients
+    Case("key-lengths", 40, 50, batch=(3,), key_lengths=(50, 17, 0), chunks=(16, 16)),
+    Case("query-lengths", 40, 50, batch=(3,), query_lengths=(40, 5, 0), chunks=(16, 16)),
+    Case(
+        "lengths-causal-gqa",
+        33,
+        33,
+        heads=4,
+        kv_heads=2,
+        causal=True,
+        query_lengths=(33, 20),
+        key_lengths=(33, 20),
+        bias=(2, 4, 33, 33),
+        chunks=(8, 8),
+        dtypes=ALL_DTYPES,
+    ),
+    Case(
+        "lengths-two-batch-axes",
+        20,
+        30,
+        batch=(2, 3),
+        query_lengths=(20, 1, 7, 0, 13, 20),
+        key_lengths=(30, 29, 1, 8, 0, 16),
+        chunks=(7, 9),
+    ),
+    Case(
+        "alibi", 40, 50, heads=4, causal=True, bias_fn="alibi", chunks=(16, 16), dtypes=ALL_DTYPES
+    ),
+    Case("documents-mask", 48, 48, mask_fn="documents", bias=(2, 2, 48, 48), chunks=(16, 8)),
+    Case(
+        "callables-window-lengths",
+        37,
+        45,
+        heads=4,
+        kv_heads=2,
+        window=(12, 4),
+        bias_fn="alibi",
+        mask_fn="near-keys",
+        key_lengths=(45, 31),
+        chunks=(8, 8),
+    ),
+    # decoding: one query against a cache, grouped heads folded into rows
+    Case(
+        "decode-gqa-lengths",
+        1,
+        70,
+        heads=8,
+        kv_heads=2,
+        causal=True,
+        key_lengths=(70, 23),
+        bias=(2, 8, 1, 70),
+        mask=(70,),
+        chunks=(2, 16),  # a row chunk below the 4 folded query heads
+        dtypes=ALL_DTYPES,
+    ),
+    Case("decode-window-alibi", 1, 100, heads=6, kv_heads=2, window=(20, 0), bias_fn="alibi"),
     Case("huge-logits", 32, 48, logit_gain=1e3, integer_qk=True, scale=0.125, chunks=(8, 8)),
     Case(
         "huge-logits-causal",

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import array_api_compat.numpy
 import numpy as np
 
 import uniattn
 from uniattn import reference
 
-from .cases import Case, make_inputs
+from .cases import CALLABLES, Case, make_inputs
 
 DIFFERENTIABLE = ("query", "key", "value", "bias")
+OTHERS = ("mask", "query_lengths", "key_lengths")
 
 
 @dataclass
@@ -29,32 +31,31 @@ class Prepared:
         return self.case.repro(self.backend.name, self.dtype)
 
     def primals(self) -> tuple:
-        return tuple(self.arrays[n] for n in DIFFERENTIABLE if self.arrays[n] is not None)
+        return tuple(self.arrays[n] for n in self._differentiable())
+
+    def _differentiable(self) -> list[str]:
+        """The names of the array arguments (a callable bias is not one)."""
+        return [n for n in DIFFERENTIABLE if _is_array(self.arrays[n])]
 
     def call(self, *primals, **overrides):
         """``uniattn.attention`` on this case (primals replace query, key, value[, bias])."""
         arrays = dict(self.arrays)
         for name, x in zip(DIFFERENTIABLE, primals, strict=False):  # bias is optional
             arrays[name] = x
-        kwargs = {**self.case.kwargs(), **overrides}
+        kwargs = {**self.case.kwargs(), **self.others(), **overrides}
         return uniattn.attention(
-            arrays["query"],
-            arrays["key"],
-            arrays["value"],
-            bias=arrays["bias"],
-            mask=arrays["mask"],
-            **kwargs,
+            arrays["query"], arrays["key"], arrays["value"], bias=arrays["bias"], **kwargs
         )
+
+    def others(self, source=None) -> dict:
+        """The non-differentiable keyword arguments: mask and lengths."""
+        source = self.arrays if source is None else source
+        return {n: source[n] for n in OTHERS}
 
     def reference_output(self):
         r = self.rounded
         return reference.attention(
-            r["query"],
-            r["key"],
-            r["value"],
-            bias=r["bias"],
-            mask=r["mask"],
-            **_reference_kwargs(self.case),
+            r["query"], r["key"], r["value"], bias=r["bias"], **self.reference_kwargs()
         )
 
     def reference_gradients(self) -> dict:
@@ -65,11 +66,16 @@ class Prepared:
             r["value"],
             r["d_out"],
             bias=r["bias"],
-            mask=r["mask"],
-            **_reference_kwargs(self.case),
+            **self.reference_kwargs(),
         )
         grads = {"query": g.dq, "key": g.dk, "value": g.dv, "bias": g.d_bias}
-        return {n: grads[n] for n in DIFFERENTIABLE if self.arrays[n] is not None}
+        return {n: grads[n] for n in self._differentiable()}
+
+    def reference_kwargs(self) -> dict:
+        """The semantic keyword arguments of :mod:`uniattn.reference` (bias excluded)."""
+        c = self.case
+        semantics = dict(causal=c.causal, window=c.window, scale=c.scale, layout=c.layout)
+        return {**semantics, **self.others(self.rounded)}
 
     def gradients(self, **overrides) -> dict:
         """Gradients by the backend's autodiff, as float64 NumPy arrays."""
@@ -80,12 +86,12 @@ class Prepared:
         """Gradients from ``uniattn.vjp`` (uniattn's own backward, every backend)."""
         a = self.arrays
         _out, vjp_fn = uniattn.vjp(
-            a["query"], a["key"], a["value"], bias=a["bias"], mask=a["mask"], **self.case.kwargs()
+            a["query"], a["key"], a["value"], bias=a["bias"], **self.case.kwargs(), **self.others()
         )
         return self._named(vjp_fn(a["d_out"]))
 
     def _named(self, grads) -> dict:
-        names = [n for n in DIFFERENTIABLE if self.arrays[n] is not None]
+        names = self._differentiable()
         grads = {n: g for n, g in zip(names, grads, strict=True)}
         for n, g in grads.items():
             assert self.backend.dtype_name(g) == self.backend.dtype_name(self.arrays[n]), n
@@ -97,14 +103,22 @@ def prepare(backend, case: Case, dtype: str) -> Prepared:
     for name, a in make_inputs(case).items():
         if a is None:
             arrays[name] = rounded[name] = None
-        elif a.dtype == bool:
+        elif a.dtype.kind in "bi":  # masks and lengths
             arrays[name] = backend.asarray(a)
             rounded[name] = a
         else:
             arrays[name] = backend.asarray(a, dtype)
             rounded[name] = backend.to_numpy(arrays[name]).astype(np.float64)
+    # Callables compute in float32 (float64 for float64 cases), like the scores.
+    fn_dtype = "float64" if dtype == "float64" else "float32"
+    for name in ("bias", "mask"):
+        factory = getattr(case, f"{name}_fn")
+        if factory is not None:
+            xp = backend.namespace()
+            arrays[name] = CALLABLES[factory](xp, case.heads, getattr(xp, fn_dtype))
+            rounded[name] = CALLABLES[factory](array_api_compat.numpy, case.heads, np.float64)
     return Prepared(case, backend, dtype, arrays, rounded)
 
 
-def _reference_kwargs(case: Case) -> dict:
-    return dict(causal=case.causal, scale=case.scale, layout=case.layout)
+def _is_array(x) -> bool:
+    return x is not None and not callable(x)

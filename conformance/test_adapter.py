@@ -1,4 +1,5 @@
-"""The adapter contract: scan, remat, stop_gradient and custom_vjp behave alike everywhere."""
+"""The adapter contract: scan, fori_loop, add_at, remat, stop_gradient and custom_vjp behave
+alike everywhere, eagerly and compiled."""
 
 from __future__ import annotations
 
@@ -13,23 +14,94 @@ def _arange(backend, n, dtype="float64"):
 def test_scan_carries_and_stacks(backend):
     xs = _arange(backend, 5)
 
-    def step(carry, x):
+    def step(carry, i, x):
         (total,) = carry
         (x,) = x
-        return (total + x,), (total + x, x * 2)
+        return (total + x,), (total + x, x * 2 + i)  # i: the step's index
 
     (total,), (partial, doubled) = backend.scan(step, (xs[0] * 0,), (xs,), 5)
     assert float(backend.to_numpy(total)) == 10.0
     np.testing.assert_array_equal(backend.to_numpy(partial), [0, 1, 3, 6, 10])
-    np.testing.assert_array_equal(backend.to_numpy(doubled), [0, 2, 4, 6, 8])
+    np.testing.assert_array_equal(backend.to_numpy(doubled), [0, 3, 6, 9, 12])
 
 
 @pytest.mark.parametrize("length", [1, 3])
 def test_scan_without_outputs(backend, length):
     xs = _arange(backend, length)
-    (total,), ys = backend.scan(lambda c, x: ((c[0] + x[0],), None), (xs[0] * 0,), (xs,), length)
+    (total,), ys = backend.scan(
+        lambda c, _i, x: ((c[0] + x[0],), None), (xs[0] * 0,), (xs,), length
+    )
     assert ys is None
     assert float(backend.to_numpy(total)) == sum(range(length))
+
+
+def _fori_sum(backend, xs, lower, upper, max_trips):
+    """sum(xs[lower:upper]) * 2 through ``fori_loop``, with a None leaf in the carry."""
+
+    def body(i, carry):
+        total, nothing = carry
+        assert nothing is None
+        return total + xs[i] * 2, None
+
+    total, _ = backend.fori_loop(lower, upper, body, (xs[0] * 0, None), max_trips)
+    return total
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(("lower", "upper"), [(1, 4), (2, 2), (3, 1), (0, 6)])
+def test_fori_loop_bounds(backend, compiled, lower, upper):
+    """Static and array bounds, empty and reversed ranges, eagerly and compiled."""
+    xs = _arange(backend, 6)
+    ints = backend.asarray(np.array([lower, upper], np.int32))
+    expected = 2 * sum(range(lower, upper))
+
+    def static(x):
+        return _fori_sum(backend, x, lower, upper, max_trips=6)
+
+    def dynamic(x, bounds):
+        return _fori_sum(backend, x, bounds[0], bounds[1], max_trips=6)
+
+    wrap = backend.jit if compiled else (lambda f: f)
+    assert float(backend.to_numpy(wrap(static)(xs))) == expected
+    assert float(backend.to_numpy(wrap(dynamic)(xs, ints))) == expected
+
+
+@pytest.mark.needs_autodiff
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fori_loop_differentiates_with_array_bounds(backend, compiled):
+    xs = _arange(backend, 6) + 1
+    bounds = backend.asarray(np.array([1, 4], np.int32))
+
+    def loss(x):
+        def body(i, carry):
+            return (carry[0] * x[i],)
+
+        return backend.fori_loop(bounds[0], bounds[1], body, (x[0] * 0 + 1,), 6)[0]
+
+    def grads(x):
+        out, vjp_fn = backend.vjp(loss, x)
+        return out, vjp_fn(x[0] * 0 + 1)[0]
+
+    out, g = (backend.jit(grads) if compiled else grads)(xs)
+    assert float(backend.to_numpy(out)) == 2 * 3 * 4
+    np.testing.assert_array_equal(backend.to_numpy(g), [0, 12, 8, 6, 0, 0])
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_add_at(backend, compiled):
+    reshape = backend.namespace().reshape
+
+    def f(start):
+        x = reshape(_arange(backend, 12), (2, 6))
+        return backend.add_at(x, start, reshape(_arange(backend, 4), (2, 2)) * 0 + 100, -1)
+
+    expected = np.arange(12.0).reshape(2, 6)
+    expected[:, 3:5] += 100
+    static = (backend.jit(lambda: f(3)) if compiled else lambda: f(3))()
+    np.testing.assert_array_equal(backend.to_numpy(static), expected)
+    start = backend.asarray(np.array(3, np.int32))
+    dynamic = (backend.jit(f) if compiled else f)(start)
+    np.testing.assert_array_equal(backend.to_numpy(dynamic), expected)
 
 
 @pytest.mark.needs_autodiff
@@ -78,3 +150,21 @@ def test_custom_vjp_uses_the_given_backward(backend):
 def test_custom_vjp_forward(backend):
     f = backend.custom_vjp(lambda a: (a + 1, None), lambda r, g: (g,))
     np.testing.assert_array_equal(backend.to_numpy(f(_arange(backend, 2))), [1, 2])
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_add_at_a_loop_index(backend, compiled):
+    """``add_at`` at a start computed by a loop (no compiler can treat it as a constant)."""
+    xp = backend.namespace()
+    bounds = backend.asarray(np.array([1, 4], np.int32))
+
+    def f(bounds):
+        ones = _arange(backend, 2) * 0 + 1
+
+        def body(i, carry):
+            return (backend.add_at(carry[0], i, ones, 0),)
+
+        return backend.fori_loop(bounds[0], bounds[1], body, (xp.zeros((6,), dtype=ones.dtype),), 3)
+
+    out = (backend.jit(f) if compiled else f)(bounds)[0]
+    np.testing.assert_array_equal(backend.to_numpy(out), [0, 1, 2, 2, 1, 0])

@@ -11,7 +11,7 @@ from .cases import CASES
 from .harness import prepare
 from .tolerances import assert_close, assert_gradients_close
 
-COMPILED_CASES = ["non-divisible", "mask-and-bias-causal", "gqa"]
+COMPILED_CASES = ["non-divisible", "mask-and-bias-causal", "gqa", "callables-window-lengths"]
 
 
 def _needs_compiler(backend):
@@ -37,15 +37,21 @@ def _check_gradients(p, grads, what):
 
 @pytest.mark.needs_autodiff
 @pytest.mark.parametrize("mode", ["custom", "autodiff"])
-def test_compiled_gradient_step(backend, mode):
-    """A whole gradient step (forward and vjp) compiled at once."""
-    p = prepare(backend, CASES["mask-and-bias-causal"], "float32")
+@pytest.mark.parametrize("name", ["mask-and-bias-causal", "lengths-causal-gqa"])
+def test_compiled_gradient_step(backend, mode, name):
+    """A whole gradient step (forward and vjp) compiled at once; lengths are arguments of
+    the compiled function, so the loop bounds they set are traced values."""
+    p = prepare(backend, CASES[name], "float32")
 
-    def call(*primals):
-        return p.call(*primals, backward=mode)
+    def call(q_lengths, k_lengths, *primals):
+        return p.call(*primals, backward=mode, query_lengths=q_lengths, key_lengths=k_lengths)
 
-    step = backend.jit(lambda d_out, *primals: backend.vjp(call, *primals)[1](d_out))
-    _check_gradients(p, step(p.arrays["d_out"], *p.primals()), "gradient of a compiled step")
+    def step(d_out, q_lengths, k_lengths, *primals):
+        return backend.vjp(lambda *a: call(q_lengths, k_lengths, *a), *primals)[1](d_out)
+
+    lengths = (p.arrays["query_lengths"], p.arrays["key_lengths"])
+    grads = backend.jit(step)(p.arrays["d_out"], *lengths, *p.primals())
+    _check_gradients(p, grads, "gradient of a compiled step")
 
 
 @pytest.mark.needs_autodiff
@@ -72,4 +78,21 @@ def test_jax_vmap(backend):
         in_axes=(0, 0, 0, None, 0),  # the bias is [heads, q_len, kv_len]: no batch axis
     )
     out = mapped(q, k, v, bias, p.arrays["mask"])
+    np.testing.assert_allclose(np.asarray(out), p.reference_output(), atol=1e-5, rtol=1e-5)
+
+
+def test_jax_vmap_lengths(backend):
+    """jax.vmap over the batch axis, lengths included: loop bounds become batched values."""
+    if backend.name != "jax":
+        pytest.skip("jax.vmap is JAX's")
+    import jax
+
+    p = prepare(backend, CASES["lengths-causal-gqa"], "float32")
+    q, k, v, bias = p.primals()
+
+    def one(q, k, v, b, q_len, k_len):
+        kwargs = {**p.case.kwargs(), "query_lengths": q_len, "key_lengths": k_len}
+        return uniattn.attention(q, k, v, bias=b, **kwargs)
+
+    out = jax.vmap(one)(q, k, v, bias, p.arrays["query_lengths"], p.arrays["key_lengths"])
     np.testing.assert_allclose(np.asarray(out), p.reference_output(), atol=1e-5, rtol=1e-5)

@@ -12,21 +12,23 @@ from .cases import CASES, Case
 from .harness import prepare
 from .tolerances import assert_close, assert_gradients_close
 
+LSE_CASES = [
+    "causal-q-longer",
+    "mask-and-bias-causal",
+    "gqa-mask-bhtd",
+    "query-lengths",
+    "callables-window-lengths",
+    "decode-gqa-lengths",
+]
 
-@pytest.mark.parametrize("name", ["causal-q-longer", "mask-and-bias-causal", "gqa-mask-bhtd"])
+
+@pytest.mark.parametrize("name", LSE_CASES)
 def test_lse_matches_reference(backend, name):
     p = prepare(backend, CASES[name], "float64")
     out, lse = p.call(*p.primals(), return_lse=True)
     r = p.rounded
     ref_out, ref_lse = reference.attention(
-        r["query"],
-        r["key"],
-        r["value"],
-        bias=r["bias"],
-        mask=r["mask"],
-        causal=p.case.causal,
-        layout=p.case.layout,
-        return_lse=True,
+        r["query"], r["key"], r["value"], bias=r["bias"], return_lse=True, **p.reference_kwargs()
     )
     lse = backend.to_numpy(lse)
     assert lse.shape == ref_lse.shape

@@ -177,3 +177,76 @@ def test_keyword_only_options():
     q, k, v = arrays()
     with pytest.raises(TypeError):
         uniattn.attention(q, k, v, None)  # bias must be passed by name
+
+
+@pytest.mark.parametrize(
+    "window", [(1,), (1, 2, 3), (-1, 0), (0, -2), (1.5, 0), (True, 0), "ab", 3, [None, "x"]]
+)
+def test_bad_window(window):
+    q, k, v = arrays()
+    with raises(ValueError, "window", "left, right", re.escape(repr(window))):
+        uniattn.attention(q, k, v, window=window)
+
+
+def test_window_accepts_none_sides_and_lists():
+    q, k, v = arrays()
+    full = uniattn.attention(q, k, v)
+    np.testing.assert_array_equal(uniattn.attention(q, k, v, window=(None, None)), full)
+    np.testing.assert_array_equal(uniattn.attention(q, k, v, window=[np.int64(20), 20]), full)
+
+
+@pytest.mark.parametrize("name", ["query_lengths", "key_lengths"])
+def test_lengths_must_be_integer(name):
+    q, k, v = arrays()
+    with raises(TypeError, name, "integer", "float32"):
+        uniattn.attention(q, k, v, **{name: np.array([3.0, 4.0], np.float32)})
+
+
+@pytest.mark.parametrize("name", ["query_lengths", "key_lengths"])
+@pytest.mark.parametrize("shape", [(), (1,), (2, 1), (3,)])
+def test_lengths_must_have_batch_shape(name, shape):
+    q, k, v = arrays()
+    with raises(ValueError, name, r"\[\*batch\] = \(2,\)", re.escape(str(shape))):
+        uniattn.attention(q, k, v, **{name: np.zeros(shape, np.int32)})
+
+
+def test_lengths_of_another_framework():
+    torch = pytest.importorskip("torch", reason="needs a second framework")
+    q, k, v = arrays()
+    with raises(TypeError, "one framework", "key_lengths is a torch"):
+        uniattn.attention(q, k, v, key_lengths=torch.tensor([3, 4]))
+
+
+def test_callable_bias_must_return_an_array():
+    q, k, v = arrays()
+    with raises(TypeError, "bias", "numpy array", "float"):
+        uniattn.attention(q, k, v, bias=lambda i, j: 0.5)
+
+
+def test_callable_results_are_checked():
+    q, k, v = arrays()  # 4 heads, 2 kv heads, q_len 10, kv_len 12
+    with raises(TypeError, r"result of mask\(q_idx, k_idx\)", "bool", "int32"):
+        uniattn.attention(q, k, v, mask=lambda i, j: j - i)
+    with raises(TypeError, r"result of bias\(q_idx, k_idx\)", "floating", "bool"):
+        uniattn.attention(q, k, v, bias=lambda i, j: j > i)
+    with raises(ValueError, r"result of bias\(q_idx, k_idx\)", "broadcastable", r"\(3, 1, 1\)"):
+        uniattn.attention(q, k, v, bias=lambda i, j: np.zeros((3, 1, 1)))
+    with raises(ValueError, r"result of mask\(q_idx, k_idx\)", r"\[\*batch, heads, q_len"):
+        # an n x n mask is not a chunk's: [*batch, heads, q_chunk, k_chunk] is (2, 4, 4, 12)
+        full = np.ones((2, 4, 10, 12), bool)
+        uniattn.attention(q, k, v, mask=lambda i, j: full, query_chunk_size=4)
+
+
+def test_callable_receives_chunk_positions():
+    """The callable sees int32 positions [q_chunk, 1] and [1, k_chunk] of the backend."""
+    q, k, v = arrays()
+    seen = []
+
+    def bias(q_idx, k_idx):
+        seen.append((q_idx.dtype, q_idx.shape, k_idx.shape, int(q_idx[0, 0]), int(k_idx[0, 0])))
+        return np.zeros((1, 1), np.float32)
+
+    uniattn.attention(q, k, v, bias=bias, query_chunk_size=4, key_chunk_size=5)
+    assert {s[:3] for s in seen} == {(np.dtype(np.int32), (4, 1), (1, 5))}
+    # row blocks start at 0, 4 and 6 (the last one ends at q_len 10); key chunks at 0, 5, 7
+    assert {s[3] for s in seen} == {0, 4, 6} and {s[4] for s in seen} == {0, 5, 7}
