@@ -110,8 +110,10 @@ def _fwd_bwd(backend, q, k, v, d_out, **kwargs):
 
 def run_masks(names, quick: bool) -> tuple[str, dict]:
     n_causal, n_window, n_cache = (2048, 4096, 8192) if quick else (8192, 16384, 32768)
-    settings = [("causal", n_causal, {"causal": True}), ("window (256, 0)", n_window, {})]
-    settings[1][2]["window"] = (256, 0)
+    settings = [
+        ("causal", n_causal, {"causal": True}),
+        ("window (256, 0)", n_window, {"window": (256, 0)}),
+    ]
     rows, raw = [], {"backends": {}}
     for name in names:
         backend = backends.load(name)
