@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-import array_api_compat.torch as xp
+import types
+
+import array_api_compat.torch as compat
 import numpy as np
 import torch
 import torch.utils.checkpoint
 
 from . import Backend, python_fori, python_scan
+
+# array_api_compat's torch namespace, with torch's own matmul: uniattn only multiplies
+# operands of one dtype, where compat's promotion checks (two ``Tensor.to`` calls a
+# product) are pure Python overhead in the inner loop.
+xp = types.SimpleNamespace(
+    **{name: getattr(compat, name) for name in dir(compat) if not name.startswith("__")}
+)
+xp.matmul = torch.matmul
 
 
 def _needs_grad(args):

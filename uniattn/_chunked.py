@@ -24,7 +24,9 @@ inner carry, dQ added to its rows of a carried array with the adapter's ``add_at
 length and overlaps its predecessor; the overlapped positions are masked out of it, so
 every chunk has one static shape and nothing is padded. **Skipping**: causal, window and
 length masks bound the inner loops (``fori_loop(lower, upper)``): key chunks no row of a
-block can see, and row blocks that see none of a key chunk, are never computed.
+block can see, and row blocks that see none of a key chunk, are never computed. Each inner
+loop runs in bands (:func:`_bands`): partly masked chunks at the edges, and between them
+chunks every row sees whole, computed without the structural mask.
 
 Only one ``q_chunk x k_chunk`` block of scores per head exists at a time. Loops,
 rematerialisation, ``stop_gradient`` and ``add_at`` come from the backend adapter; the
@@ -33,6 +35,7 @@ rest is array-API calls on ``xp``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,34 +126,40 @@ class _Context:
     def _arange(self, start, n):
         return self.xp.arange(n, dtype=self.xp.int32, device=self.device) + start
 
-    def scores(self, q_c, kt_c, bias_c, mask_c, r_index, k_index, mask_overlap_rows=False):
+    def scores(self, q_c, kt_c, bias_c, mask_c, r_index, k_index, masked, overlapping_rows=False):
         """Scaled scores of row block ``r_index`` and key chunk ``k_index``; -inf where
         not attended. ``q_c`` is pre-scaled and the keys come transposed (``kt_c``:
         ``[.., d_k, k_chunk]``), transposed once outside the loops.
+
+        ``masked=False`` leaves out the structural rules (window, causal, the last key
+        chunk's overlap), for a chunk pair that loop bounds show to be whole; masks and
+        lengths, which vary per batch, still apply. ``overlapping_rows`` masks the last row
+        block's overlap (the backward sums over rows, so it must not count them twice).
         """
         xp, o = self.xp, self.options
-        r_start, k_start = self.rows.start(r_index), self.keys.start(k_index)
-        rows = xp.reshape(self._arange(r_start, q_c.shape[-2]), (-1, 1))
-        pos_q = rows * 0 if self.folded else rows  # folded rows are heads at position 0
-        pos_k = xp.reshape(self._arange(k_start, kt_c.shape[-1]), (1, -1))
-        # Callables see real query positions; folded rows get their heads' values.
-        fn_q = pos_q[:1, ...] if self.folded else pos_q
         s = xp.matmul(q_c, kt_c)
-        if o.bias_fn is not None:
-            s = s + self.lift(self.fold(o.bias_fn(fn_q, pos_k)))
         if bias_c is not None:
             s = s + bias_c
+        if not self.needs_positions(masked, overlapping_rows):
+            return s if mask_c is None else xp.where(mask_c, s, NEG_INF)
+        rows = xp.reshape(self._arange(self.rows.start(r_index), q_c.shape[-2]), (-1, 1))
+        pos_q = rows * 0 if self.folded else rows  # folded rows are heads at position 0
+        pos_k = xp.reshape(self._arange(self.keys.start(k_index), kt_c.shape[-1]), (1, -1))
+        # Callables see real query positions; folded rows get their heads' values.
+        fn_q = pos_q[:1, ...] if self.folded else pos_q
+        if o.bias_fn is not None:
+            s = s + self.lift(self.fold(o.bias_fn(fn_q, pos_k)))
         rules = [mask_c]
         if o.mask_fn is not None:
             rules.append(self.fold(o.mask_fn(fn_q, pos_k)))
         diagonal = pos_q + (self.kv_len - self.q_len)  # bottom-right aligned
-        if o.right is not None:
+        if masked and o.right is not None:
             rules.append(pos_k <= diagonal + o.right)
-        if o.left is not None:
+        if masked and o.left is not None:
             rules.append(pos_k >= diagonal - o.left)
-        if self.keys.overlaps:  # the last chunk's overlap belongs to its predecessor
+        if masked and self.keys.overlaps:  # the last chunk's overlap belongs to its predecessor
             rules.append(pos_k >= k_index * self.keys.size)
-        if mask_overlap_rows and self.rows.overlaps:
+        if overlapping_rows and self.rows.overlaps:
             rules.append(rows >= r_index * self.rows.size)
         if self.k_lengths is not None:
             rules.append(pos_k < self.k_lengths)
@@ -162,9 +171,22 @@ class _Context:
                 allowed = rule if allowed is None else xp.logical_and(allowed, rule)
         return s if allowed is None else xp.where(allowed, s, NEG_INF)
 
+    def needs_positions(self, masked, overlapping_rows) -> bool:
+        """Whether :meth:`scores` needs the chunk's positions (a rule or a callable)."""
+        o = self.options
+        return (
+            (masked and (o.left is not None or o.right is not None or self.keys.overlaps))
+            or (overlapping_rows and self.rows.overlaps)
+            or o.bias_fn is not None
+            or o.mask_fn is not None
+            or self.q_lengths is not None
+            or self.k_lengths is not None
+        )
+
     # -- loop bounds ---------------------------------------------------------------------
-    def key_range(self, r_index):
-        """``(first, stop, max_trips)``: the key chunks row block ``r_index`` can see."""
+    def key_ranges(self, r_index) -> list[_Range]:
+        """The key chunks row block ``r_index`` can see, as consecutive ranges: partly
+        masked edges around a middle of chunks that every row sees whole."""
         xp, o, keys = self.xp, self.options, self.keys
         if self.folded:
             p_first = p_last = 0
@@ -187,10 +209,18 @@ class _Context:
         if o.left is not None and o.right is not None:
             width = 0 if self.folded else self.rows.size - 1
             trips = min(trips, (width + o.left + o.right) // keys.size + 2)
-        return first, stop, trips
+        # Whole chunks: every key at or after the block's last diagonal - left, at or
+        # before its first diagonal + right, and not the overlapping last chunk.
+        whole_first = None if o.left is None else _ceil_div(p_last + offset - o.left, keys.size)
+        whole_stop = keys.count - 1 if keys.overlaps else None
+        if o.right is not None:
+            below = (p_first + offset + o.right + 1) // keys.size
+            whole_stop = below if whole_stop is None else _min(xp, whole_stop, below)
+        edge_trips = min(keys.count, self.rows.size // keys.size + 2)
+        return _bands(xp, first, stop, whole_first, whole_stop, trips, (edge_trips, edge_trips))
 
-    def row_range(self, k_index):
-        """``(first, stop, max_trips)``: the row blocks that can see key chunk ``k_index``."""
+    def row_ranges(self, k_index) -> list[_Range]:
+        """The row blocks that can see key chunk ``k_index``, as :meth:`key_ranges`."""
         xp, o, rows = self.xp, self.options, self.rows
         k_first = k_index * self.keys.size  # nominal: the overlap is masked out
         k_last = _min(xp, k_first + self.keys.size, self.kv_len) - 1
@@ -213,7 +243,22 @@ class _Context:
         trips = rows.count
         if o.left is not None and o.right is not None and not self.folded:
             trips = min(trips, (self.keys.size - 1 + o.left + o.right) // rows.size + 2)
-        return first, stop, trips
+        if self.folded:  # one block of rows: nothing to split
+            return [_Range(first, stop, trips, masked=True)]
+        # Whole blocks: every row's window holds the whole chunk; the overlapping last
+        # block (its overlap is masked in the backward) and last key chunk are never whole.
+        whole_first = None if o.right is None else _ceil_div(k_last - offset - o.right, rows.size)
+        whole_stop = rows.count - 1 if rows.overlaps else None
+        if o.left is not None:
+            above = (k_first - offset + o.left + 1) // rows.size
+            whole_stop = above if whole_stop is None else _min(xp, whole_stop, above)
+        if self.keys.overlaps:
+            whole_stop = rows.count if whole_stop is None else whole_stop
+            whole_stop = _select(xp, k_index < self.keys.count - 1, whole_stop, 0)
+        edge_trips = min(rows.count, self.keys.size // rows.size + 2)
+        # The overlapping last key chunk has no middle: its tail is all of its rows.
+        tail_trips = trips if self.keys.overlaps else edge_trips
+        return _bands(xp, first, stop, whole_first, whole_stop, trips, (edge_trips, tail_trips))
 
     def loop(self, step, init, splits, axis: _Axis):
         """``step(carry, index, chunks) -> (carry, y)`` over every chunk of ``axis``;
@@ -246,9 +291,10 @@ def forward(
     q = c.lift(c.fold(q)) * options.scale
     k, v, bias, mask = c.lift(k), c.lift(v), c.lift(c.fold(bias)), c.fold(mask)
 
-    def update(m, l, acc, q_c, kt_c, v_c, bias_c, mask_c, r_index, k_index):
-        """Fold one key chunk into the running (max, sum, accumulator) of a row block."""
-        s = c.scores(q_c, kt_c, bias_c, mask_c, r_index, k_index)
+    def update(m, l, acc, q_c, kt_c, v_c, bias_c, mask_c, r_index, k_index, *, masked):
+        """Fold one key chunk into the running (max, sum, accumulator) of a row block;
+        ``masked=False`` where the chunk is whole to every row (no structural mask)."""
+        s = c.scores(q_c, kt_c, bias_c, mask_c, r_index, k_index, masked)
         # The result does not depend on m, so no gradient needs to flow through it.
         m_new = xp.maximum(m, backend.stop_gradient(xp.max(s, axis=-1, keepdims=True)))
         m_ref = xp.where(m_new == NEG_INF, 0.0, m_new)  # rows that have seen no key yet
@@ -268,19 +314,26 @@ def forward(
             c.zeros((*rows, d_v)),
         )
 
-        def body(j, carry):
-            chunks = (kt_chunks[j], v_chunks[j], by_key[0].at(j), by_key[1].at(j))
-            return update(*carry, q_c, *chunks, r_index, j)
+        def body(masked):
+            def fold_in(j, carry):
+                chunks = (kt_chunks[j], v_chunks[j], by_key[0].at(j), by_key[1].at(j))
+                return updates[masked](*carry, q_c, *chunks, r_index, j)
 
-        first, stop, trips = c.key_range(r_index)
-        m, l, acc = backend.fori_loop(first, stop, body, init, trips)
+            return fold_in
+
+        carry = init
+        for band in c.key_ranges(r_index):
+            carry = backend.fori_loop(band.lower, band.upper, body(band.masked), carry, band.trips)
+        m, l, acc = carry
         seen = l != 0.0
         l_safe = xp.where(seen, l, 1.0)
         lse = xp.where(seen, m + xp.log(l_safe), NEG_INF)
         return xp.astype(acc / l_safe, c.in_dtype), lse[..., 0]
 
+    updates = {masked: functools.partial(update, masked=masked) for masked in (False, True)}
     if remat:
-        update, row_block = backend.remat(update), backend.remat(row_block)
+        updates = {masked: backend.remat(fn) for masked, fn in updates.items()}
+        row_block = backend.remat(row_block)
     kt_chunks = _split(xp, xp.matrix_transpose(k), -1, c.keys).chunks
     v_chunks = _split(xp, v, -2, c.keys).chunks
 
@@ -316,13 +369,15 @@ def backward(
         delta = delta - c.fold(c.lift(d_lse)[..., None])
     lse = xp.where(lse == NEG_INF, 0.0, lse)  # rows that see no key: P = 0 anyway
 
-    def chunk_grads(q_c, qt_c, do_c, dot_c, lse_c, delta_c, bias_c, mask_c, r, k_c, kt_c, vt_c, j):
+    def chunk_grads(
+        q_c, qt_c, do_c, dot_c, lse_c, delta_c, bias_c, mask_c, r, k_c, kt_c, vt_c, j, masked
+    ):
         """dQ of a chunk pair, and its transposed contributions dKᵀ = Qᵀ dS, dVᵀ = dOᵀ P.
 
         Every operand comes in the orientation its product needs (transposed once, outside
         the loops), so no ``q_chunk x k_chunk`` block is ever transposed.
         """
-        s = c.scores(q_c, kt_c, bias_c, mask_c, r, j, mask_overlap_rows=True)
+        s = c.scores(q_c, kt_c, bias_c, mask_c, r, j, masked, overlapping_rows=masked)
         p = xp.exp(s - lse_c)
         ds = p * (xp.matmul(do_c, vt_c) - delta_c)
         dkt = _sum_groups(xp, xp.matmul(qt_c, ds))
@@ -346,21 +401,25 @@ def backward(
         """dK, dV of key chunk ``j``; its contributions added to dQ and d_bias."""
         extras = (_split(xp, bias_k, -2, c.rows), _split(xp, mask_k, -2, c.rows))
 
-        def body(r, carry):
-            dkt, dvt, dq, db = carry
-            chunks = [s.at(r) for s in (*by_rows, *extras)]
-            g_q, g_kt, g_vt, g_b = chunk_grads(*chunks, r, k_c, kt_c, vt_c, j)
-            start = c.rows.start(r)
-            dq = backend.add_at(dq, start, g_q, -2)
-            if db is not None:
-                db = backend.add_at(db, start, g_b, -2) if bias_by_rows else db + g_b
-            return dkt + g_kt, dvt + g_vt, dq, db
+        def body(masked):
+            def add_in(r, carry):
+                dkt, dvt, dq, db = carry
+                chunks = [s.at(r) for s in (*by_rows, *extras)]
+                g_q, g_kt, g_vt, g_b = chunk_grads(*chunks, r, k_c, kt_c, vt_c, j, masked)
+                start = c.rows.start(r)
+                dq = backend.add_at(dq, start, g_q, -2)
+                if db is not None:
+                    db = backend.add_at(db, start, g_b, -2) if bias_by_rows else db + g_b
+                return dkt + g_kt, dvt + g_vt, dq, db
+
+            return add_in
 
         if bias_by_keys:  # this chunk's columns of d_bias
             db = c.zeros((*bias_k.shape[:-1], kt_c.shape[-1]))
-        init = (c.zeros(kt_c.shape), c.zeros(vt_c.shape), dq, db)
-        first, stop, trips = c.row_range(j)
-        dkt, dvt, dq, db = backend.fori_loop(first, stop, body, init, trips)
+        carry = (c.zeros(kt_c.shape), c.zeros(vt_c.shape), dq, db)
+        for band in c.row_ranges(j):
+            carry = backend.fori_loop(band.lower, band.upper, body(band.masked), carry, band.trips)
+        dkt, dvt, dq, db = carry
         return t(dkt), t(dvt), dq, db
 
     def step(carry, j, chunks):
@@ -484,6 +543,40 @@ def _sum_to(xp, x, shape):
 
 def _map(fn, tree):
     return tuple(None if a is None else fn(a) for a in tree) if isinstance(tree, tuple) else tree
+
+
+@dataclass(frozen=True)
+class _Range:
+    """Chunks ``lower:upper`` of an inner loop (at most ``trips``); ``masked`` says whether
+    they need the structural mask (see :meth:`_Context.scores`)."""
+
+    lower: Any
+    upper: Any
+    trips: int
+    masked: bool
+
+
+def _bands(xp, first, stop, whole_first, whole_stop, trips, edge_trips) -> list[_Range]:
+    """``first:stop`` cut into a masked head, a whole middle ``whole_first:whole_stop``
+    (clipped to ``first:stop``) and a masked tail; None for either bound: no head, no tail.
+    ``trips`` bounds the middle's length, ``edge_trips`` the head's and the tail's."""
+    mid_first = first if whole_first is None else _min(xp, _max(xp, whole_first, first), stop)
+    mid_stop = stop if whole_stop is None else _min(xp, _max(xp, whole_stop, mid_first), stop)
+    bands = [
+        _Range(first, mid_first, edge_trips[0], masked=True),
+        _Range(mid_first, mid_stop, trips, masked=False),
+        _Range(mid_stop, stop, edge_trips[1], masked=True),
+    ]
+    return [b for b in bands if not _same(b.lower, b.upper)]
+
+
+def _same(a, b) -> bool:
+    """Whether two loop bounds are known to be equal without evaluating an array."""
+    return a is b or (isinstance(a, int) and isinstance(b, int) and a == b)
+
+
+def _ceil_div(a, b: int):
+    return -(-a // b)
 
 
 # Loop bounds are Python ints where the loop index is one (eager loops) and 0-d int arrays

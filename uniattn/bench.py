@@ -13,7 +13,7 @@ backward
     memory of a forward+backward pass at n 16384, 1 head, d 64 against plain
     ``softmax(q kᵀ) v`` under the framework's autodiff (``--quick``: n 4096).
 masks
-    What skipping fully masked chunks saves (float32, batch 1, 4 heads, d 64, medians of 3
+    What skipping fully masked chunks saves (float32, batch 1, 4 heads, d 64, medians of 5
     interleaved repetitions): causal against full attention at n 8192, window (256, 0)
     against full at n 16384, forward and forward+backward (``backward="custom"``); and
     decoding one query against a 32768-long cache (32 heads on 8 kv heads, d 128)
@@ -134,7 +134,7 @@ def run_masks(names, quick: bool) -> tuple[str, dict]:
         )
     table = "\n".join(
         [
-            "skipping fully masked chunks: float32, batch 1, 4 heads, d 64, median of 3 "
+            "skipping fully masked chunks: float32, batch 1, 4 heads, d 64, median of 5 "
             "interleaved repetitions; fwd+bwd with backward='custom'",
             "",
             "| backend | mask | n | masked ms | full ms | speed-up | masked fwd+bwd ms "
@@ -155,7 +155,7 @@ def _masked_and_full_times(backend, n: int, kwargs: dict) -> dict:
         "masked_grad": _fwd_bwd(backend, q, k, v, d_out, **kwargs),
         "full_grad": _fwd_bwd(backend, q, k, v, d_out),
     }
-    return interleaved_medians(fns, backend.block, repeats=3)
+    return interleaved_medians(fns, backend.block, repeats=5)
 
 
 def _decode_times(backend, n_cache: int) -> dict:

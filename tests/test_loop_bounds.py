@@ -1,0 +1,109 @@
+"""The inner loops' bounds, checked position by position against the mask they stand for.
+
+For every row block (forward) and key chunk (backward) of many small configurations:
+the bands are consecutive and within their trip counts, no visible chunk is left out, and
+a band computed without the structural mask only holds chunks that every row sees whole.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from uniattn.backends.numpy import backend
+
+from uniattn._chunked import Options, _Context
+
+WINDOWS = [(None, None), (None, 0), (0, 0), (3, 0), (None, 2), (5, None), (2, 7), (0, None)]
+
+
+def _context(q_len, kv_len, q_chunk, k_chunk, window, groups=1, k_max=None):
+    q = np.zeros((1, 1, groups, q_len, 1))
+    k = np.zeros((1, 1, 1, kv_len, 1))
+    k_lengths = None if k_max is None else np.full((1, 1, 1, 1, 1), k_max, dtype=np.int32)
+    options = Options(1.0, q_chunk, k_chunk, left=window[0], right=window[1])
+    return _Context(backend, q, k, None, k_lengths, options)
+
+
+def _visible(c, q_positions, k_positions):
+    """[rows, keys] bool: which query positions see which keys by window and causal."""
+    diagonal = np.asarray(q_positions)[:, None] + (c.kv_len - c.q_len)
+    keys = np.asarray(k_positions)[None, :]
+    seen = np.ones(diagonal.shape[:1] + keys.shape[1:], dtype=bool)
+    if c.options.right is not None:
+        seen &= keys <= diagonal + c.options.right
+    if c.options.left is not None:
+        seen &= keys >= diagonal - c.options.left
+    return seen
+
+
+def _check_bands(bands, lower_bound, stop):
+    as_int = [(int(b.lower), int(b.upper), b.trips, b.masked) for b in bands]
+    first = as_int[0][0] if as_int else None
+    for (_, upper, _, _), (lower, _, _, _) in itertools.pairwise(as_int):
+        assert upper == lower, as_int  # consecutive
+    for lower, upper, trips, _ in as_int:
+        assert lower >= lower_bound and max(upper - lower, 0) <= trips, as_int
+    if as_int:
+        assert max(as_int[-1][1], first) <= stop
+    return [(range(lo, up), masked) for lo, up, _, masked in as_int]
+
+
+def _configs():
+    for q_len, kv_len in [(1, 9), (7, 7), (8, 8), (5, 13), (13, 5), (16, 16)]:
+        for q_chunk, k_chunk in [(2, 3), (4, 4), (3, 2), (8, 1)]:
+            for window in WINDOWS:
+                for k_max in (None, kv_len - 2):
+                    yield q_len, kv_len, q_chunk, k_chunk, window, k_max
+
+
+@pytest.mark.parametrize("groups", [1, 3], ids=["rows", "folded-heads"])
+def test_key_ranges_cover_every_visible_chunk_and_whole_means_unmasked(groups):
+    checked_whole = 0
+    for q_len, kv_len, q_chunk, k_chunk, window, k_max in _configs():
+        c = _context(q_len, kv_len, q_chunk, k_chunk, window, groups, k_max)
+        key_limit = kv_len if k_max is None else k_max
+        for r in range(c.rows.count):
+            start = c.rows.start(r)
+            positions = [0] if c.folded else range(start, start + c.rows.size)
+            bands = _check_bands(c.key_ranges(r), 0, c.keys.count)
+            looped = {j for chunks, _ in bands for j in chunks}
+            for j in range(c.keys.count):
+                own = range(max(c.keys.start(j), j * c.keys.size), c.keys.start(j) + c.keys.size)
+                seen = _visible(c, positions, own) & (np.asarray(own) < key_limit)
+                assert j in looped or not seen.any(), (q_len, kv_len, window, r, j)
+            for chunks, masked in bands:
+                for j in chunks if not masked else ():
+                    span = range(c.keys.start(j), c.keys.start(j) + c.keys.size)
+                    assert c.keys.start(j) == j * c.keys.size, "an overlapping chunk is masked"
+                    assert _visible(c, positions, span).all(), (q_len, kv_len, window, r, j)
+                    checked_whole += 1
+    assert checked_whole > 100  # the check above ran on many whole chunks
+
+
+def test_row_ranges_cover_every_visible_block_and_whole_means_unmasked():
+    checked_whole = 0
+    for q_len, kv_len, q_chunk, k_chunk, window, k_max in _configs():
+        c = _context(q_len, kv_len, q_chunk, k_chunk, window, 1, k_max)
+        for j in range(c.keys.count):
+            own = range(max(c.keys.start(j), j * c.keys.size), c.keys.start(j) + c.keys.size)
+            bands = _check_bands(c.row_ranges(j), 0, c.rows.count)
+            looped = {r for rows, _ in bands for r in rows}
+            for r in range(c.rows.count):
+                nominal = range(
+                    max(c.rows.start(r), r * c.rows.size), c.rows.start(r) + c.rows.size
+                )
+                seen = _visible(c, nominal, own)
+                visible = seen.any() and (k_max is None or own[0] < k_max)
+                assert r in looped or not visible, (q_len, kv_len, window, j, r)
+            for rows, masked in bands:
+                for r in rows if not masked else ():
+                    start = c.rows.start(r)
+                    assert start == r * c.rows.size, "an overlapping block is masked"
+                    assert c.keys.start(j) == j * c.keys.size, "an overlapping chunk is masked"
+                    span = range(start, start + c.rows.size)
+                    keys = range(c.keys.start(j), c.keys.start(j) + c.keys.size)
+                    assert _visible(c, span, keys).all(), (q_len, kv_len, window, j, r)
+                    checked_whole += 1
+    assert checked_whole > 100
