@@ -20,7 +20,7 @@ def _run(code: str, cwd: Path) -> str:
 
 def test_import_uniattn_imports_no_framework(tmp_path):
     code = (
-        "import sys, json, uniattn, uniattn.backends\n"
+        "import sys, json, uniattn, uniattn.backends, uniattn.bench, uniattn.bench.__main__\n"
         f"print(json.dumps([m for m in {FRAMEWORKS!r} if m in sys.modules]))"
     )
     assert json.loads(_run(code, tmp_path)) == []
@@ -68,6 +68,7 @@ def test_wheel_installs_backends_inside_uniattn(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "uniattn/backends/torch.py" in names
     assert "uniattn/backends/tensorflow.py" in names
+    assert "uniattn/bench/__main__.py" in names
     assert not [n for n in names if n.startswith("backends/")], names
 
 

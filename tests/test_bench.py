@@ -1,0 +1,75 @@
+"""The benchmark's plumbing, on NumPy at tiny sizes: its workers measure, its reports
+format, its progress bar draws. (Its figures belong in README, not in assertions.)"""
+
+from __future__ import annotations
+
+import io
+import json
+
+from uniattn.bench import _worker, peers
+from uniattn.bench._common import Progress, Report, attention_flops, ratio, too_big
+
+
+def test_memory_worker_measures_both_implementations_in_a_fresh_process():
+    spec = {"task_kind": "memory", "backend": "numpy", "task": "forward", "ns": [512], "repeats": 1}
+    lines = _worker.run(spec, timeout=300)
+    by_impl = {line["impl"]: line for line in lines if "impl" in line}
+    assert set(by_impl) == {"uniattn", "plain"}, lines
+    # Plain attention holds 512 x 512 float32 scores (1 MiB); uniattn one chunk at a time.
+    assert by_impl["plain"]["peak_bytes"] > 512 * 512 * 4
+    assert all(line["seconds"] > 0 for line in by_impl.values())
+
+
+def test_speed_worker_times_every_available_implementation():
+    spec = {
+        "task_kind": "speed", "backend": "numpy", "ns": [256], "heads": 2, "d": 16,
+        "repeats": 1, "modes": ["forward", "gradient"],
+    }  # fmt: skip
+    lines = _worker.run(spec, timeout=300)
+    assert lines[0]["matmul_flops_per_s"] > 0
+    timed = [line for line in lines if "seconds" in line]
+    assert len(timed) == 1 and timed[0]["mode"] == "forward"  # NumPy has no autodiff
+    assert {"uniattn", "plain"} <= set(timed[0]["seconds"])
+
+
+def test_worker_errors_come_back_as_lines():
+    lines = _worker.run({"task_kind": "scale", "backend": "numpy", "n": -1}, timeout=300)
+    assert "error" in lines[-1]
+
+
+def test_peers_say_why_they_are_missing():
+    from uniattn import backends
+
+    found = peers.implementations(backends.load("numpy"))
+    assert callable(found["uniattn"]) and callable(found["plain"])
+    assert all(callable(fn) or isinstance(fn, str) for fn in found.values())
+
+
+def test_report_markdown_and_json(tmp_path):
+    report = Report("demo", "caption", ["a", "b"], [["1", "2"]], raw={"x": [1.5]}, notes=["n"])
+    assert report.markdown().splitlines() == [
+        "caption",
+        "",
+        "| a | b |",
+        "|---|---|",
+        "| 1 | 2 |",
+        "",
+        "n",
+    ]
+    md, raw = report.write(tmp_path)
+    assert json.loads(raw.read_text()) == {"x": [1.5]}
+    assert md.read_text().startswith("caption")
+
+
+def test_progress_bar_counts_steps():
+    stream = io.StringIO()
+    progress = Progress(4, "demo", stream=stream)
+    progress.advance(2)
+    progress.step("half")
+    assert "[##########..........] 2/4" in stream.getvalue() and "demo: half" in stream.getvalue()
+
+
+def test_helpers():
+    assert attention_flops(2, 1, 1) == 16 and attention_flops(2, 1, 1, gradient=True) == 56
+    assert ratio(3.0, 2.0) == "1.50x" and ratio(None, 1.0) == "—"
+    assert too_big(256, 1, False) is None and "GiB" in too_big(2**22, 64, True)

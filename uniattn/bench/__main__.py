@@ -1,0 +1,48 @@
+"""The ``python -m uniattn.bench`` command line (see :mod:`uniattn.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+SUBCOMMANDS = ("memory", "speed", "scale", "tune", "masks", "backward")
+ALL = ("memory", "speed", "scale", "masks", "backward")
+
+
+def main(argv=None) -> int:
+    from uniattn import backends
+    from uniattn.bench import plots
+
+    parser = argparse.ArgumentParser(
+        prog="python -m uniattn.bench", description="uniattn's benchmarks (see README)."
+    )
+    parser.add_argument("subcommand", choices=(*SUBCOMMANDS, "all"))
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=list(backends.REGISTRY),
+        help="backend to measure (repeatable; default: every installed one)",
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
+    parser.add_argument("--full", action="store_true", help="memory: up to n 2^18")
+    parser.add_argument("--out", type=Path, help="directory for markdown, JSON and PNG results")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    names = args.backend or backends.installed()
+    for name in ALL if args.subcommand == "all" else (args.subcommand,):
+        module = importlib.import_module(f"uniattn.bench.{name}")
+        report = module.run(names, quick=args.quick, full=args.full)
+        print(report.markdown() + "\n", flush=True)
+        if args.out:
+            written = report.write(args.out)
+            if plots.available():
+                written += plots.plot(report, args.out)
+            print(f"wrote {', '.join(str(p) for p in written)}\n", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

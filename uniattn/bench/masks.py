@@ -1,0 +1,111 @@
+"""``masks``: what skipping fully masked chunks saves.
+
+float32, batch 1, 4 heads, d 64, medians of 5 interleaved repetitions: causal against
+full attention at n 8192, window (256, 0) against full at n 16384, forward and
+forward+backward (``backward="custom"``); and decoding one query against a 32768-long
+cache (32 heads on 8 kv heads, d 128) against the framework's plain attention.
+``--quick``: n 2048 / 4096 / 8192.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import uniattn
+from uniattn import backends
+from uniattn.bench._common import Report, inputs, interleaved_medians
+
+
+def _fwd_bwd(backend, q, k, v, d_out, **kwargs):
+    """A forward+backward pass with uniattn's backward (``uniattn.vjp`` on NumPy)."""
+    if not backend.has_autodiff:
+        return lambda: uniattn.vjp(q, k, v, **kwargs)[1](d_out)
+    return lambda: backend.vjp(lambda *a: uniattn.attention(*a, **kwargs), q, k, v)[1](d_out)
+
+
+def run(names, quick: bool = False, full: bool = False) -> Report:
+    n_causal, n_window, n_cache = (2048, 4096, 8192) if quick else (8192, 16384, 32768)
+    settings = [
+        ("causal", n_causal, {"causal": True}),
+        ("window (256, 0)", n_window, {"window": (256, 0)}),
+    ]
+    report = Report(
+        "masks",
+        "skipping fully masked chunks: float32, batch 1, 4 heads, d 64, median of 5 "
+        "interleaved repetitions; fwd+bwd with backward='custom'",
+        [
+            "backend",
+            "mask",
+            "n",
+            "masked ms",
+            "full ms",
+            "speed-up",
+            "masked fwd+bwd ms",
+            "full fwd+bwd ms",
+            "speed-up",
+        ],
+        raw={"backends": {}},
+    )
+    for name in names:
+        backend = backends.load(name)
+        report.raw["backends"][name] = entry = {}
+        for label, n, kwargs in settings:
+            t = _masked_and_full_times(backend, n, kwargs)
+            entry[label] = {"n": n, "seconds": t}
+            report.rows.append(
+                [
+                    name,
+                    label,
+                    str(n),
+                    f"{t['masked'] * 1e3:.0f}",
+                    f"{t['full'] * 1e3:.0f}",
+                    f"{t['full'] / t['masked']:.2f}x",
+                    f"{t['masked_grad'] * 1e3:.0f}",
+                    f"{t['full_grad'] * 1e3:.0f}",
+                    f"{t['full_grad'] / t['masked_grad']:.2f}x",
+                ]
+            )
+        entry["decode"] = decode = _decode_times(backend, n_cache)
+        report.rows.append(
+            [
+                name,
+                "decode, 1 query, 32 heads / 8 kv heads, d 128",
+                str(n_cache),
+                f"{decode['uniattn'] * 1e3:.1f}",
+                f"plain {decode['plain'] * 1e3:.1f}",
+                f"{decode['plain'] / decode['uniattn']:.2f}x",
+                "",
+                "",
+                "",
+            ]
+        )
+    return report
+
+
+def _masked_and_full_times(backend, n: int, kwargs: dict) -> dict:
+    """Forward and forward+backward medians with the mask ``kwargs`` and without."""
+    q, k, v, d_out = inputs(backend, n, heads=4)
+    fns = {
+        "masked": lambda: uniattn.attention(q, k, v, **kwargs),
+        "full": lambda: uniattn.attention(q, k, v),
+        "masked_grad": _fwd_bwd(backend, q, k, v, d_out, **kwargs),
+        "full_grad": _fwd_bwd(backend, q, k, v, d_out),
+    }
+    return interleaved_medians(fns, backend.block, repeats=5)
+
+
+def _decode_times(backend, n_cache: int) -> dict:
+    """One query row, causal, against a cache: uniattn against plain attention."""
+    from uniattn._plain import plain_attention
+
+    rng = np.random.default_rng(0)
+    q = backend.asarray(rng.standard_normal((1, 1, 32, 128)), "float32")
+    k, v = (backend.asarray(rng.standard_normal((1, n_cache, 8, 128)), "float32") for _ in "kv")
+    xp = backend.namespace()
+    expanded = (xp.reshape(x, (1, n_cache, 8, 1, 128)) for x in (k, v))
+    k_rep, v_rep = (xp.reshape(xp.concat([x] * 4, axis=3), (1, n_cache, 32, 128)) for x in expanded)
+    fns = {
+        "uniattn": lambda: uniattn.attention(q, k, v, causal=True),
+        "plain": lambda: plain_attention(backend, q, k_rep, v_rep),
+    }
+    return interleaved_medians(fns, backend.block, repeats=5)

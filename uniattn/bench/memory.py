@@ -1,0 +1,98 @@
+"""``memory``: the paper's Tables 2 (inference) and 3 (differentiation) on this machine.
+
+1 head, d 64, float32, n = 2^8 … 2^16 (2^18 with ``--full``; ``--quick``: 2^8 … 2^12).
+Overhead is peak RSS above the inputs, in a fresh process per backend and task, measured
+the same way for uniattn and plain attention (see :mod:`uniattn._measure`).
+"""
+
+from __future__ import annotations
+
+from uniattn.bench import _worker
+from uniattn.bench._common import Progress, Report, mib, ms, ratio
+
+TASKS = {"forward": "Table 2, inference", "gradient": "Table 3, differentiation"}
+
+
+def lengths(quick: bool, full: bool) -> list[int]:
+    top = 12 if quick else 18 if full else 16
+    return [2**e for e in range(8, top + 1)]
+
+
+def io_bytes(n: int, gradient: bool, d: int = 64) -> int:
+    """q, k, v and the output (and d_out, dq, dk, dv when differentiating), float32."""
+    return (8 if gradient else 4) * n * d * 4
+
+
+def run(names, quick: bool = False, full: bool = False) -> Report:
+    ns = lengths(quick, full)
+    report = Report(
+        "memory",
+        "Peak memory above the inputs and time, 1 head, d 64, float32: uniattn against the "
+        "framework's plain softmax(q kᵀ) v (Tables 2 and 3 of Rabe & Staats). Relative speed "
+        "is plain time / uniattn time.",
+        [
+            "backend",
+            "task",
+            "n",
+            "inputs + outputs MiB",
+            "plain overhead MiB",
+            "uniattn overhead MiB",
+            "less memory",
+            "uniattn ms",
+            "plain ms",
+            "relative speed",
+        ],
+        raw={"lengths": ns, "backends": {}},
+    )
+    progress = Progress(len(names) * len(TASKS) * len(ns) * 2, "memory")
+    for name in names:
+        report.raw["backends"][name] = by_task = {}
+        for task in TASKS:
+            spec = {"task_kind": "memory", "backend": name, "task": task, "ns": ns, "repeats": 3}
+            progress.step(f"{name} {task}")
+
+            def seen(line, name=name, task=task):
+                progress.advance()
+                if "n" in line:
+                    progress.step(f"{name} {task}: n={line['n']} {line.get('impl', '')} done")
+
+            lines = _worker.run(spec, seen)
+            by_task[task] = lines
+            report.rows += _rows(name, task, ns, lines)
+    progress.close()
+    if any("not run¹" in row for row in report.rows):
+        report.notes.append(
+            "¹ not run: plain attention's n x n blocks would not fit in the free memory "
+            "(the JSON says how much they need)."
+        )
+    return report
+
+
+def _rows(name, task, ns, lines) -> list[list[str]]:
+    by_n = {}
+    for line in lines:
+        if "n" in line:
+            by_n.setdefault(line["n"], {})[line["impl"]] = line
+    errors = [line["error"] for line in lines if "error" in line]
+    rows = []
+    for n in ns:
+        got = by_n.get(n, {})
+        uni, plain = got.get("uniattn", {}), got.get("plain", {})
+        plain_mem = mib(plain.get("peak_bytes")) if "skipped" not in plain else "not run¹"
+        rows.append(
+            [
+                name,
+                task,
+                str(n),
+                mib(io_bytes(n, task == "gradient")),
+                plain_mem,
+                mib(uni.get("peak_bytes")),
+                ratio(plain.get("peak_bytes"), uni.get("peak_bytes")),
+                ms(uni.get("seconds")),
+                ms(plain.get("seconds")),
+                ratio(plain.get("seconds"), uni.get("seconds")),
+            ]
+        )
+    if errors:
+        rows.append([name, task, "error", errors[0], *[""] * 6])
+    return rows

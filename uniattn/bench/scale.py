@@ -1,0 +1,36 @@
+"""``scale``: one forward+backward pass at n = 131072 (``--quick``: 16384), 1 head, d 64,
+float32, on every backend: its time and peak memory above the inputs, in a fresh process.
+Plain attention would need 64 GiB for the scores alone at this length. The time includes
+any compilation (one cold call: a warm-up would double a minutes-long run)."""
+
+from __future__ import annotations
+
+from uniattn.bench import _worker
+from uniattn.bench._common import Progress, Report, mib, ms, plain_bytes
+
+
+def run(names, quick: bool = False, full: bool = False) -> Report:
+    n = 16384 if quick else 131072
+    report = Report(
+        "scale",
+        f"One forward+backward pass at n {n}, 1 head, d 64, float32 (NumPy: uniattn.vjp); "
+        f"plain attention would hold ~{plain_bytes(n, 1, True) / 2**30:.0f} GiB.",
+        ["backend", "n", "seconds", "peak MiB above inputs"],
+        raw={"n": n, "backends": {}},
+    )
+    progress = Progress(len(names), "scale")
+    for name in names:
+        progress.step(f"{name} n={n}")
+        lines = _worker.run({"task_kind": "scale", "backend": name, "n": n})
+        progress.advance()
+        report.raw["backends"][name] = lines
+        done = next((x for x in lines if "seconds" in x), None)
+        if done is None:
+            error = next((x["error"] for x in lines if "error" in x), "no result")
+            report.rows.append([name, str(n), "error", error])
+        else:
+            report.rows.append(
+                [name, str(n), f"{float(ms(done['seconds'])) / 1e3:.1f}", mib(done["peak_bytes"])]
+            )
+    progress.close()
+    return report

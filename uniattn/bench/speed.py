@@ -1,0 +1,98 @@
+"""``speed``: uniattn against native attention and peers, forward and forward+backward.
+
+n = 1024 … 16384 (``--quick``: 1024, 2048), 8 heads, d 64, float32, batch 1. Every
+implementation runs in one process per backend, in turns (medians of interleaved
+repetitions), each as a user of that framework would call it: JAX jitted, the others
+eager. GFLOP/s counts attention's model FLOPs (see ``attention_flops``); "% matmul" is
+that rate over the framework's own float32 matmul rate measured in the same process.
+"""
+
+from __future__ import annotations
+
+from uniattn.bench import _worker
+from uniattn.bench._common import Progress, Report, attention_flops, ms
+
+HEADS, D = 8, 64
+MODES = ("forward", "gradient")
+
+
+def lengths(quick: bool, full: bool = False) -> list[int]:
+    return [1024, 2048] if quick else [1024, 2048, 4096, 8192, 16384]
+
+
+def run(names, quick: bool = False, full: bool = False) -> Report:
+    ns = lengths(quick, full)
+    report = Report(
+        "speed",
+        f"Time of attention, batch 1, {HEADS} heads, d {D}, float32; ratio = time / uniattn's "
+        "time (below 1: faster than uniattn); medians of interleaved repetitions.",
+        ["backend", "mode", "n", "implementation", "ms", "ratio", "GFLOP/s", "% matmul"],
+        raw={"lengths": ns, "heads": HEADS, "d": D, "backends": {}},
+    )
+    progress = Progress(len(names) * len(ns) * len(MODES), "speed")
+    for name in names:
+        spec = {
+            "task_kind": "speed",
+            "backend": name,
+            "ns": ns,
+            "heads": HEADS,
+            "d": D,
+            "repeats": 3 if quick else 5,
+            "modes": list(MODES),
+        }
+        progress.step(f"{name} (starting)")
+
+        def seen(line, name=name):
+            if "mode" in line and ("seconds" in line or "error" in line):
+                progress.advance()
+                progress.step(f"{name} n={line['n']} {line['mode']} done")
+
+        lines = _worker.run(spec, seen)
+        report.raw["backends"][name] = lines
+        report.rows += _rows(name, lines)
+    progress.close()
+    skipped = sorted(
+        {
+            (r["impl"], r["skipped"])
+            for b in report.raw["backends"].values()
+            for r in b
+            if "skipped" in r and "n" not in r
+        }
+    )
+    report.notes += [f"- {impl}: {why}" for impl, why in skipped]
+    return report
+
+
+def _rows(name, lines) -> list[list[str]]:
+    rate = next((x["matmul_flops_per_s"] for x in lines if "matmul_flops_per_s" in x), None)
+    rows = []
+    for line in lines:
+        if "error" in line:
+            where = f"n={line.get('n', '?')} {line.get('mode', '')}"
+            rows.append([name, where, "", "error", line["error"], "", "", ""])
+        if "seconds" not in line:
+            continue
+        n, mode, seconds = line["n"], line["mode"], line["seconds"]
+        flops = attention_flops(n, HEADS, D, gradient=mode == "gradient")
+        own = seconds.get("uniattn")
+        for impl, t in seconds.items():
+            rate_here = flops / t
+            rows.append(
+                [
+                    name,
+                    "fwd" if mode == "forward" else "fwd+bwd",
+                    str(n),
+                    impl,
+                    ms(t),
+                    "1" if impl == "uniattn" else f"{t / own:.2f}" if own else "—",
+                    f"{rate_here / 1e9:.1f}",
+                    f"{100 * rate_here / rate:.0f}%" if rate else "—",
+                ]
+            )
+    for line in lines:
+        if "skipped" in line and "n" in line:
+            mode = "fwd" if line["mode"] == "forward" else "fwd+bwd"
+            rows.append(
+                [name, mode, str(line["n"]), line["impl"], "not run", line["skipped"], "", ""]
+            )
+    return rows

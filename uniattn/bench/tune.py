@@ -1,0 +1,64 @@
+"""``tune``: the chunk-size sweep behind each backend's default (query, key) chunk sizes.
+
+Forward+backward (NumPy: forward) time over query x key chunk sizes at n 8192 (``--quick``:
+2048), 4 heads, d 64, float32, without a mask and causal; medians of interleaved
+repetitions in one process. The fastest pair over both is the one to make the default.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from uniattn import backends
+from uniattn.bench._common import Progress, Report, inputs, interleaved_medians, ms
+
+SIZES = (128, 256, 512, 1024)
+
+
+def run(names, quick: bool = False, full: bool = False) -> Report:
+    import uniattn
+
+    n = 2048 if quick else 8192
+    pairs = [(a, b) for a, b in itertools.product(SIZES, SIZES) if a <= b]
+    report = Report(
+        "tune",
+        f"Chunk sizes, n {n}, 4 heads, d 64, float32: forward+backward ms (NumPy: forward), "
+        "without a mask and causal; * marks each backend's current default.",
+        ["backend", "query chunk", "key chunk", "full ms", "causal ms", "sum ms", "vs best"],
+        raw={"n": n, "backends": {}},
+    )
+    progress = Progress(len(names), "tune")
+    for name in names:
+        progress.step(f"{name}: {len(pairs) * 2} settings")
+        backend = backends.load(name)
+        q, k, v, d_out = inputs(backend, n, heads=4)
+
+        def timed(a, b, causal, backend=backend, q=q, k=k, v=v, d_out=d_out):
+            kw = dict(query_chunk_size=a, key_chunk_size=b, causal=causal)
+            if not backend.has_autodiff:
+                return lambda: uniattn.attention(q, k, v, **kw)
+            return lambda: backend.vjp(lambda *x: uniattn.attention(*x, **kw), q, k, v)[1](d_out)
+
+        fns = {(a, b, c): timed(a, b, c) for a, b in pairs for c in (False, True)}
+        seconds = interleaved_medians(fns, backend.block, repeats=2 if quick else 3)
+        progress.advance()
+        total = {p: seconds[(*p, False)] + seconds[(*p, True)] for p in pairs}
+        best = min(total.values())
+        report.raw["backends"][name] = {
+            f"{a}x{b}": [seconds[(a, b, False)], seconds[(a, b, True)]] for a, b in pairs
+        }
+        for a, b in sorted(pairs, key=total.get):
+            mark = "*" if (a, b) == tuple(backend.default_chunks) else ""
+            report.rows.append(
+                [
+                    f"{name}{mark}",
+                    str(a),
+                    str(b),
+                    ms(seconds[(a, b, False)]),
+                    ms(seconds[(a, b, True)]),
+                    ms(total[(a, b)]),
+                    f"{total[(a, b)] / best:.2f}x",
+                ]
+            )
+    progress.close()
+    return report
