@@ -104,9 +104,10 @@ class _Context:
         self.rows = _Axis(n_rows, min(row_chunk, max(n_rows, 1)), xp)
         self.keys = _Axis(self.kv_len, min(options.key_chunk_size, max(self.kv_len, 1)), xp)
         self.q_lengths, self.k_lengths = q_lengths, k_lengths
-        self.q_max = None if q_lengths is None else xp.max(q_lengths)
-        self.k_max = None if k_lengths is None else xp.max(k_lengths)
         self.empty = 0 in q.shape[:-1] or self.kv_len == 0
+        # The longest sequence bounds the loops (an empty batch has none: nothing runs).
+        self.q_max = None if q_lengths is None or self.empty else xp.max(q_lengths)
+        self.k_max = None if k_lengths is None or self.empty else xp.max(k_lengths)
 
     # -- layout --------------------------------------------------------------------------
     def fold(self, x):
