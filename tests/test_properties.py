@@ -2,7 +2,7 @@
 
 Hypothesis draws every argument together (batch axes of extent 0 to 2, lengths 0 to 20,
 GQA, d_k != d_v, chunk sizes from 1 up, causal, windows, lengths, bias and mask in
-random broadcast shapes, both layouts) and checks uniattn's NumPy float64 output and
+random broadcast shapes, both layouts, strided and read-only arrays) and checks uniattn's NumPy float64 output and
 ``uniattn.vjp`` gradients against :mod:`uniattn.reference` within the dtype's tolerance,
 the inputs unchanged. A failure prints the drawn arguments; rerun it with its seed.
 """
@@ -31,7 +31,11 @@ def calls(draw):
 
     def tensor(length, n_heads, d):
         shape = (length, n_heads, d) if layout == "BTHD" else (n_heads, length, d)
-        return rng.standard_normal((*batch, *shape)) * draw(st.sampled_from([0.5, 1.0, 4.0]))
+        x = rng.standard_normal((*batch, *shape[:-1], 2 * d)) * draw(st.sampled_from([0.5, 1, 4]))
+        x = x[..., ::2] if draw(st.booleans()) else np.ascontiguousarray(x[..., :d])  # strided
+        if draw(st.booleans()):
+            x.setflags(write=False)  # read-only inputs work (nothing writes to them)
+        return x
 
     arrays = {
         "query": tensor(q_len, heads, d_k),
@@ -114,7 +118,7 @@ def test_torch_forward_and_autodiff_match_the_reference(call):
     torch = pytest.importorskip("torch", reason="torch is not installed")
     arrays, kw, chunks = call
     as_torch = {n: torch.from_numpy(x) if isinstance(x, np.ndarray) else x for n, x in kw.items()}
-    primals = [torch.from_numpy(x).requires_grad_() for x in arrays.values()]
+    primals = [torch.tensor(x).requires_grad_() for x in arrays.values()]  # (copies read-only ones)
     bias = as_torch.get("bias")
     if bias is not None:
         as_torch["bias"] = bias = bias.clone().requires_grad_()
