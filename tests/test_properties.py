@@ -57,9 +57,9 @@ def calls(draw):
         side = st.none() | st.integers(0, 6)
         kw["window"] = (draw(side), draw(side))
     if draw(st.booleans()):
-        kw["query_lengths"] = rng.integers(0, q_len + 1, size=batch)
+        kw["query_lengths"] = rng.integers(-2, q_len + 3, size=batch)  # beyond: no padding
     if draw(st.booleans()):
-        kw["key_lengths"] = rng.integers(0, kv_len + 1, size=batch)
+        kw["key_lengths"] = rng.integers(-2, kv_len + 3, size=batch)
     if draw(st.booleans()):
         kw["scale"] = draw(st.floats(0.05, 2.0))
     kw["layout"] = layout

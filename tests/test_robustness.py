@@ -1,0 +1,81 @@
+"""Calls from many threads, under torch's no-grad modes, and with JAX's x64 off."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import uniattn
+
+OPTIONS = [
+    {},
+    {"causal": True},
+    {"window": (3, 0), "query_chunk_size": 4},
+    {"key_lengths": np.array([5, 9]), "key_chunk_size": 3},
+]
+
+
+def _inputs(seed, q_len=13, kv_len=11):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((2, n, 4, 8)) for n in (q_len, kv_len, kv_len)]
+
+
+def test_threads_share_nothing():
+    """Concurrent calls with different options and shapes give the serial results (the
+    staged variants are cached per options; nothing else is shared)."""
+    jobs = [(_inputs(i, 9 + i % 5, 7 + i % 3), OPTIONS[i % len(OPTIONS)]) for i in range(32)]
+    serial = [uniattn.attention(*arrays, **kw) for arrays, kw in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(lambda job: uniattn.attention(*job[0], **job[1]), jobs))
+    for a, b in zip(serial, threaded, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_torch_threads_and_no_grad_modes():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    q, k, v = (torch.from_numpy(x).float().requires_grad_() for x in _inputs(0))
+    expected = uniattn.attention(q, k, v, causal=True)
+    assert expected.requires_grad
+    with torch.no_grad():
+        out = uniattn.attention(q, k, v, causal=True)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, expected.detach(), rtol=0, atol=0)
+    with torch.inference_mode():
+        out = uniattn.attention(q, k, v, causal=True)
+    assert out.is_inference()
+    torch.testing.assert_close(out, expected.detach(), rtol=0, atol=0)
+    with ThreadPoolExecutor(4) as pool:
+        grads = list(pool.map(lambda _: torch.autograd.grad(
+            uniattn.attention(q, k, v, causal=True).sum(), (q, k, v)), range(8)))  # fmt: skip
+    for g in grads[1:]:
+        for a, b in zip(grads[0], g, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_jax_without_x64(tmp_path):
+    """With x64 off (JAX's default), float32 inputs and int lengths work and match NumPy."""
+    pytest.importorskip("jax", reason="jax is not installed")
+    code = (
+        "import json, numpy as np, jax, jax.numpy as jnp, uniattn\n"
+        "rng = np.random.default_rng(0)\n"
+        "q, k, v = (rng.standard_normal((2, n, 4, 8)).astype(np.float32) for n in (13, 11, 11))\n"
+        "lengths = np.array([5, 11])\n"
+        "ref = uniattn.attention(q, k, v, causal=True, key_lengths=lengths)\n"
+        "out = uniattn.attention(*map(jnp.asarray, (q, k, v)), causal=True,\n"
+        "                        key_lengths=jnp.asarray(lengths))\n"
+        "g = jax.grad(lambda q: uniattn.attention(q, jnp.asarray(k), jnp.asarray(v)).sum())(jnp.asarray(q))\n"
+        "print(json.dumps([bool(jax.config.jax_enable_x64), str(out.dtype),\n"
+        "                  float(np.max(np.abs(np.asarray(out) - ref))), bool(np.isfinite(g).all())]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    x64, dtype, err, finite = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (x64, dtype, finite) == (False, "float32", True)
+    assert err < 1e-5
