@@ -79,3 +79,28 @@ def test_jax_without_x64(tmp_path):
     x64, dtype, err, finite = json.loads(result.stdout.strip().splitlines()[-1])
     assert (x64, dtype, finite) == (False, "float32", True)
     assert err < 1e-5
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax", "tensorflow"])
+def test_garbage_in_padded_keys_stays_out(framework):
+    """NaN and inf in keys and values past ``key_lengths`` change nothing: not the output,
+    not the gradients (a masked key's zero probability times NaN would be NaN)."""
+    from uniattn import backends
+
+    if framework not in backends.installed():
+        pytest.skip(f"{framework} is not installed")
+    backend = backends.load(framework)
+    rng = np.random.default_rng(0)
+    q, k, v, d_out = (rng.standard_normal((2, 9, 2, 4)).astype(np.float32) for _ in range(4))
+    lengths = np.array([6, 9])
+    dirty_k, dirty_v = k.copy(), v.copy()
+    dirty_k[0, 6:], dirty_v[0, 6:] = np.inf, np.nan
+
+    def run(k, v):
+        arrays = [backend.asarray(x, "float32") for x in (q, k, v, d_out)]
+        kw = {"key_lengths": backend.asarray(lengths, "int32"), "causal": True, "key_chunk_size": 4}
+        out, vjp_fn = uniattn.vjp(*arrays[:3], **kw)
+        return [backend.to_numpy(x) for x in (out, *vjp_fn(arrays[3]))]
+
+    for clean, dirty in zip(run(k, v), run(dirty_k, dirty_v), strict=True):  # out, dq, dk, dv
+        np.testing.assert_allclose(dirty, clean, rtol=1e-6, atol=1e-6)

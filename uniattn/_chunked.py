@@ -120,6 +120,14 @@ class _Context:
         """``x`` in the accumulation dtype (float32, or float64 for float64 inputs)."""
         return None if x is None else self.xp.astype(x, self.acc_dtype)
 
+    def padded_keys_zeroed(self, k, v):
+        """``k``, ``v`` with keys past ``key_lengths`` set to 0: padding may hold anything
+        (NaN, inf), and a masked key's zero probability times NaN would still be NaN."""
+        if self.k_lengths is None or self.empty:
+            return k, v
+        valid = self.xp.reshape(self._arange(0, self.kv_len), (-1, 1)) < self.k_lengths
+        return self.xp.where(valid, k, 0.0), self.xp.where(valid, v, 0.0)
+
     def zeros(self, shape):
         return self.xp.zeros(shape, dtype=self.acc_dtype, device=self.device)
 
@@ -290,7 +298,8 @@ def forward(
         out = xp.zeros((*q.shape[:-1], d_v), dtype=c.in_dtype, device=c.device)
         return out, xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device)
     q = c.lift(c.fold(q)) * options.scale
-    k, v, bias, mask = c.lift(k), c.lift(v), c.lift(c.fold(bias)), c.fold(mask)
+    k, v = c.padded_keys_zeroed(c.lift(k), c.lift(v))
+    bias, mask = c.lift(c.fold(bias)), c.fold(mask)
 
     def update(m, l, acc, q_c, kt_c, v_c, bias_c, mask_c, r_index, k_index, *, masked):
         """Fold one key chunk into the running (max, sum, accumulator) of a row block;
@@ -362,7 +371,8 @@ def backward(
         grads = (q, k, v, bias)
         return tuple(None if g is None else xp.zeros_like(g) for g in grads)
     q = c.lift(c.fold(q)) * options.scale
-    k, v, bias, mask = c.lift(k), c.lift(v), c.lift(c.fold(bias)), c.fold(mask)
+    k, v = c.padded_keys_zeroed(c.lift(k), c.lift(v))
+    bias, mask = c.lift(c.fold(bias)), c.fold(mask)
     d_out, out = c.lift(c.fold(d_out)), c.lift(c.fold(out))
     lse = c.fold(lse[..., None])
     delta = xp.sum(d_out * out, axis=-1, keepdims=True)  # Δ = rowsum(dO ∘ O)
