@@ -229,6 +229,11 @@ _CASES = [
     # the third sequence has no keys at all: its rows must be 0 with zero gradients
     Case("key-lengths", 40, 50, batch=(3,), key_lengths=(50, 17, 0), chunks=(16, 16)),
     Case("query-lengths", 40, 50, batch=(3,), query_lengths=(40, 5, 0), chunks=(16, 16)),
+    # regression (found by tests/test_properties.py): an empty batch with lengths
+    Case("empty-batch-lengths", 9, 7, batch=(0,), query_lengths=(), key_lengths=(), chunks=(4, 4)),
+    # empty sequences: no rows gives an empty output; no keys gives zeros (lse -inf)
+    Case("no-queries", 0, 9, chunks=(4, 4)),
+    Case("no-keys", 9, 0, causal=True, chunks=(4, 4)),
     Case(
         "lengths-causal-gqa",
         33,

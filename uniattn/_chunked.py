@@ -295,8 +295,12 @@ def forward(
     xp = c.xp
     d_v = v.shape[-1]
     if c.empty:
-        out = xp.zeros((*q.shape[:-1], d_v), dtype=c.in_dtype, device=c.device)
-        return out, xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device)
+        # Zeros that still depend on q, k, v (through empty slices: exactly 0, never NaN),
+        # so that differentiating this forward gives zero gradients, not an error.
+        zero = sum(xp.sum(x[..., :0]) for x in (q, k, v))
+        out = xp.zeros((*q.shape[:-1], d_v), dtype=c.in_dtype, device=c.device) + zero
+        lse = xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device)
+        return out, lse + xp.astype(zero, c.acc_dtype)
     q = c.lift(c.fold(q)) * options.scale
     k, v = c.padded_keys_zeroed(c.lift(k), c.lift(v))
     bias, mask = c.lift(c.fold(bias)), c.fold(mask)
