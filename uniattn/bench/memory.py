@@ -78,7 +78,11 @@ def _rows(name, task, ns, lines) -> list[list[str]]:
     for n in ns:
         got = by_n.get(n, {})
         uni, plain = got.get("uniattn", {}), got.get("plain", {})
-        plain_mem = mib(plain.get("peak_bytes")) if "skipped" not in plain else "not run¹"
+        plain_mem = mib(plain.get("peak_bytes"))
+        if "no autodiff" in plain.get("skipped", ""):
+            plain_mem = "no autodiff"
+        elif "skipped" in plain:
+            plain_mem = "not run¹"
         rows.append(
             [
                 name,
