@@ -76,5 +76,8 @@ def _speed(plt, raw):
             ax.grid(True, which="both", alpha=0.3)
             if series:
                 ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
         axes[0][col].set_ylabel("ms")
+    fig.tight_layout()
     return fig
