@@ -82,6 +82,22 @@ class Namespace:
         return tf.logical_and(x1, x2)
 
     @staticmethod
+    def logical_or(x1, x2, /):
+        return tf.logical_or(x1, x2)
+
+    @staticmethod
+    def logical_not(x, /):
+        return tf.logical_not(x)
+
+    @staticmethod
+    def isfinite(x, /):
+        return tf.math.is_finite(x)
+
+    @staticmethod
+    def all(x, /, *, axis=None, keepdims=False):
+        return tf.reduce_all(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
     def maximum(x1, x2, /):
         return tf.maximum(x1, x2)
 

@@ -34,7 +34,8 @@ class Case:
     mask: tuple[int, ...] | None = None
     bias_fn: str | None = None  # a callable bias from CALLABLES (instead of an array)
     mask_fn: str | None = None
-    masked_rows: tuple[int, ...] = ()  # query rows the mask switches off entirely
+    masked_rows: tuple[int, ...] = ()  # query rows the mask (or a -inf bias) switches off
+    bias_minus_inf: bool = False  # -inf bias entries act as a mask (masked_rows: all -inf)
     layout: str = "BTHD"
     chunks: tuple[int, int] = (16, 16)
     scale: float | None = None
@@ -101,6 +102,10 @@ def make_inputs(case: Case) -> dict[str, np.ndarray | None]:
     if case.integer_qk:
         arrays["query"], arrays["key"] = np.round(arrays["query"]), np.round(arrays["key"])
     arrays["bias"] = None if case.bias is None else rng.standard_normal(case.bias)
+    if case.bias_minus_inf:
+        arrays["bias"][rng.random(case.bias) < 0.3] = -np.inf
+        for row in case.masked_rows:
+            arrays["bias"][..., row, :] = -np.inf
     mask = None
     if case.mask is not None:
         mask = rng.random(case.mask) < 0.7
@@ -287,6 +292,29 @@ _CASES = [
         dtypes=ALL_DTYPES,
     ),
     Case("decode-window-alibi", 1, 100, heads=6, kv_heads=2, window=(20, 0), bias_fn="alibi"),
+    # SPEC §2 and issue 6: -inf in an additive bias is a mask, fully -inf rows included.
+    Case(
+        "bias-minus-inf",
+        20,
+        30,
+        bias=(2, 1, 20, 30),
+        bias_minus_inf=True,
+        masked_rows=(3, 17),
+        chunks=(8, 16),
+    ),
+    # A scale of 1e4: logits up to ~2e5, exact (integer q, k). Not float32: the backward's
+    # P = exp(S - lse) inherits lse's float32 rounding (spacing 2^-6 at 2e5: up to 0.4% in
+    # P, as FlashAttention's); test_adversarial.py checks float32 there for finiteness.
+    Case(
+        "scale-1e4",
+        24,
+        40,
+        integer_qk=True,
+        scale=1e4,
+        causal=True,
+        chunks=(8, 16),
+        dtypes=("float64", "float16", "bfloat16"),
+    ),
     Case("huge-logits", 32, 48, logit_gain=1e3, integer_qk=True, scale=0.125, chunks=(8, 8)),
     Case(
         "huge-logits-causal",

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NEG_INF = float("-inf")
+NAN = float("nan")
 
 
 @dataclass(frozen=True)
@@ -120,13 +121,26 @@ class _Context:
         """``x`` in the accumulation dtype (float32, or float64 for float64 inputs)."""
         return None if x is None else self.xp.astype(x, self.acc_dtype)
 
-    def padded_keys_zeroed(self, k, v):
-        """``k``, ``v`` with keys past ``key_lengths`` set to 0: padding may hold anything
-        (NaN, inf), and a masked key's zero probability times NaN would still be NaN."""
-        if self.k_lengths is None or self.empty:
-            return k, v
-        valid = self.xp.reshape(self._arange(0, self.kv_len), (-1, 1)) < self.k_lengths
-        return self.xp.where(valid, k, 0.0), self.xp.where(valid, v, 0.0)
+    def isolated(self, q, k, v):
+        """``q``, ``k``, ``v`` with non-finite entries isolated and padded keys zeroed.
+
+        A query, key or value with a NaN or inf entry turns NaN exactly the rows that
+        attend it (masking replaces its scores with -inf everywhere else): such a query row
+        and key become all NaN, and such a value 0, so that ``p @ v`` of the rows that do
+        not attend it stays finite (their zero weight times NaN would be NaN). Padding
+        past ``key_lengths`` may hold anything, so padded keys and values become 0.
+        """
+        xp = self.xp
+
+        def finite(x):
+            return xp.all(xp.isfinite(x), axis=-1, keepdims=True)
+
+        key_ok = xp.logical_and(finite(k), finite(v))
+        q, k, v = xp.where(finite(q), q, NAN), xp.where(key_ok, k, NAN), xp.where(key_ok, v, 0.0)
+        if self.k_lengths is None:
+            return q, k, v
+        inside = xp.reshape(self._arange(0, self.kv_len), (-1, 1)) < self.k_lengths
+        return q, xp.where(inside, k, 0.0), xp.where(inside, v, 0.0)
 
     def zeros(self, shape):
         return self.xp.zeros(shape, dtype=self.acc_dtype, device=self.device)
@@ -301,8 +315,7 @@ def forward(
         out = xp.zeros((*q.shape[:-1], d_v), dtype=c.in_dtype, device=c.device) + zero
         lse = xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device)
         return out, lse + xp.astype(zero, c.acc_dtype)
-    q = c.lift(c.fold(q)) * options.scale
-    k, v = c.padded_keys_zeroed(c.lift(k), c.lift(v))
+    q, k, v = c.isolated(c.lift(c.fold(q)) * options.scale, c.lift(k), c.lift(v))
     bias, mask = c.lift(c.fold(bias)), c.fold(mask)
 
     def update(m, l, acc, q_c, kt_c, v_c, bias_c, mask_c, r_index, k_index, *, masked):
@@ -374,15 +387,21 @@ def backward(
     if c.empty:
         grads = (q, k, v, bias)
         return tuple(None if g is None else xp.zeros_like(g) for g in grads)
-    q = c.lift(c.fold(q)) * options.scale
-    k, v = c.padded_keys_zeroed(c.lift(k), c.lift(v))
+    # Rows whose output is NaN (they attend a non-finite input, see _Context.isolated) are
+    # constants here: they contribute nothing, so every other gradient stays exact.
+    affected = xp.logical_not(xp.logical_or(xp.isfinite(lse), lse == NEG_INF))
+    q, k, v = (xp.where(xp.isfinite(x), x, 0.0) for x in (q, k, v))
+    q, k, v = c.isolated(c.lift(c.fold(q)) * options.scale, c.lift(k), c.lift(v))
     bias, mask = c.lift(c.fold(bias)), c.fold(mask)
-    d_out, out = c.lift(c.fold(d_out)), c.lift(c.fold(out))
-    lse = c.fold(lse[..., None])
+    affected = c.fold(affected[..., None])
+    d_out = xp.where(affected, 0.0, c.lift(c.fold(d_out)))
+    out = xp.where(affected, 0.0, c.lift(c.fold(out)))
     delta = xp.sum(d_out * out, axis=-1, keepdims=True)  # Δ = rowsum(dO ∘ O)
     if d_lse is not None:  # d lse / d S = P, so d_lse joins Δ
-        delta = delta - c.fold(c.lift(d_lse)[..., None])
-    lse = xp.where(lse == NEG_INF, 0.0, lse)  # rows that see no key: P = 0 anyway
+        delta = delta - xp.where(affected, 0.0, c.fold(c.lift(d_lse)[..., None]))
+    # P = exp(S - lse) is 0 on rows that see no key (lse -inf) and on affected rows.
+    lse = c.fold(lse[..., None])
+    lse = xp.where(affected, float("inf"), xp.where(lse == NEG_INF, 0.0, lse))
 
     def chunk_grads(
         q_c, qt_c, do_c, dot_c, lse_c, delta_c, bias_c, mask_c, r, k_c, kt_c, vt_c, j, masked

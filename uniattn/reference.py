@@ -3,6 +3,9 @@
 This is the oracle of the conformance suite. It is written for clarity, not memory: it
 materialises ``[*batch, heads, q_len, kv_len]`` scores and repeats grouped key/value
 heads. Gradients are the analytic ones, in float64.
+
+Non-finite inputs follow uniattn's rule: a NaN or inf in a query, key or value turns NaN
+exactly the output rows that attend it; the gradients treat those rows as constants.
 """
 
 from __future__ import annotations
@@ -69,8 +72,13 @@ def vjp(
     q, k, v, groups = _to_bhtd(query, key, value, layout)
     s_scale = _scale(scale, q.shape[-1])
     rules = _Rules(bias, mask, causal, window, query_lengths, key_lengths)
-    _out, p, _ = _forward(query, key, value, rules, scale, layout)
+    out, p, _ = _forward(query, key, value, rules, scale, layout)
+    # Rows that attend a non-finite input (NaN output) are constants: they contribute 0.
+    affected = np.any(np.isnan(out), axis=-1, keepdims=True)
+    p = np.where(affected, 0.0, p)
+    q, k, v = (np.where(np.isfinite(x), x, 0.0) for x in (q, k, v))
     d_o = _from_bhtd(np.asarray(d_out, np.float64), layout)  # the swap is its own inverse
+    d_o = np.where(affected, 0.0, d_o)
     k_rep, v_rep = np.repeat(k, groups, axis=-3), np.repeat(v, groups, axis=-3)
     dv = _sum_groups(np.swapaxes(p, -1, -2) @ d_o, groups)
     dp = d_o @ np.swapaxes(v_rep, -1, -2)
@@ -118,18 +126,33 @@ class _Rules:
 
 def _forward(query, key, value, rules, scale, layout):
     q, k, v, groups = _to_bhtd(query, key, value, layout)
+    q, k, v = _isolated(q, k, v)
     k, v = np.repeat(k, groups, axis=-3), np.repeat(v, groups, axis=-3)
-    s, allowed = rules.apply(_scale(scale, q.shape[-1]) * (q @ np.swapaxes(k, -1, -2)))
+    with np.errstate(invalid="ignore"):
+        s, allowed = rules.apply(_scale(scale, q.shape[-1]) * (q @ np.swapaxes(k, -1, -2)))
     s = np.where(allowed, s, -np.inf)
     m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
     m = np.where(np.isneginf(m), 0.0, m)
-    e = np.where(allowed, np.exp(s - m), 0.0)
-    total = np.sum(e, axis=-1, keepdims=True)
-    seen = total > 0
-    p = e / np.where(seen, total, 1.0)
-    with np.errstate(divide="ignore"):
-        lse = np.where(seen, m + np.log(np.where(seen, total, 1.0)), -np.inf)[..., 0]
-    return p @ v, p, lse
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.where(allowed, np.exp(s - m), 0.0)
+        total = np.sum(e, axis=-1, keepdims=True)
+        seen = total > 0
+        p = e / np.where(seen, total, 1.0)
+        with np.errstate(divide="ignore"):
+            lse = np.where(seen | np.isnan(total), m + np.log(np.where(seen, total, 1.0)), -np.inf)
+        out = p @ v
+    return out, p, lse[..., 0]
+
+
+def _isolated(q, k, v):
+    """A query, key or value with a NaN or inf entry: NaN query row or key (exactly the
+    rows that attend it turn NaN) and zero value (rows that do not attend it: unaffected)."""
+
+    def finite(x):
+        return np.all(np.isfinite(x), axis=-1, keepdims=True)
+
+    key_ok = finite(k) & finite(v)
+    return np.where(finite(q), q, np.nan), np.where(key_ok, k, np.nan), np.where(key_ok, v, 0.0)
 
 
 def _scale(scale, d_k):
