@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 import uniattn
+from uniattn import reference
 
 OPTIONS = [
     {},
@@ -19,6 +21,19 @@ OPTIONS = [
     {"window": (3, 0), "query_chunk_size": 4},
     {"key_lengths": np.array([5, 9]), "key_chunk_size": 3},
 ]
+
+
+def _backend(framework: str):
+    from uniattn import backends
+
+    if framework not in backends.installed():
+        pytest.skip(f"{framework} is not installed")
+    return backends.load(framework)
+
+
+def _on(backend, options: dict) -> dict:
+    """``options`` with its NumPy arrays (lengths) in the backend's framework."""
+    return {n: backend.asarray(x) if isinstance(x, np.ndarray) else x for n, x in options.items()}
 
 
 def _inputs(seed, q_len=13, kv_len=11):
@@ -85,11 +100,7 @@ def test_jax_without_x64(tmp_path):
 def test_garbage_in_padded_keys_stays_out(framework):
     """NaN and inf in keys and values past ``key_lengths`` change nothing: not the output,
     not the gradients (a masked key's zero probability times NaN would be NaN)."""
-    from uniattn import backends
-
-    if framework not in backends.installed():
-        pytest.skip(f"{framework} is not installed")
-    backend = backends.load(framework)
+    backend = _backend(framework)
     rng = np.random.default_rng(0)
     q, k, v, d_out = (rng.standard_normal((2, 9, 2, 4)).astype(np.float32) for _ in range(4))
     lengths = np.array([6, 9])
@@ -104,3 +115,95 @@ def test_garbage_in_padded_keys_stays_out(framework):
 
     for clean, dirty in zip(run(k, v), run(dirty_k, dirty_v), strict=True):  # out, dq, dk, dv
         np.testing.assert_allclose(dirty, clean, rtol=1e-6, atol=1e-6)
+
+
+def _layouts_numpy(x):
+    """The same values as ``x`` in Fortran order, reversed (negative strides) and read-only."""
+    fortran = np.asfortranarray(x)
+    reversed_view = np.ascontiguousarray(x[:, ::-1])[:, ::-1]
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    return {"fortran": fortran, "negative-stride": reversed_view, "read-only": read_only}
+
+
+@pytest.mark.parametrize("kind", ["fortran", "negative-stride", "read-only"])
+def test_numpy_memory_layouts(kind):
+    arrays = _inputs(3)
+    odd = [_layouts_numpy(x)[kind] for x in arrays]
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, odd, strict=True))
+    for options in OPTIONS:
+        out, vjp_fn = uniattn.vjp(*odd, **options)
+        expected, expected_vjp = uniattn.vjp(*arrays, **options)
+        np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-13)
+        d_out = np.ones_like(out)
+        for g, e in zip(vjp_fn(d_out), expected_vjp(d_out), strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-13)
+        semantics = {n: x for n, x in options.items() if not n.endswith("chunk_size")}
+        np.testing.assert_allclose(out, reference.attention(*arrays, **semantics), rtol=1e-10)
+
+
+def test_torch_strided_tensors():
+    """Transposed views (a BHTD tensor read as BTHD), expanded (stride-0) keys and sliced
+    tensors give the contiguous results, in values and gradients."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    backend = _backend("torch")
+    q, k, v = (torch.from_numpy(x) for x in _inputs(4))
+    views = {
+        "transposed": [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)],
+        "sliced": [torch.cat([x, x], dim=-1)[..., ::2] for x in (q, k, v)],
+        "expanded": [q, k[:, :, :1].expand_as(k), v[:, :, :1].expand_as(v)],
+    }
+    for name, tensors in views.items():
+        assert not all(t.is_contiguous() for t in tensors), name
+        dense = [t.contiguous().requires_grad_() for t in tensors]
+        strided = [t.detach().requires_grad_() for t in tensors]
+        for options in map(functools.partial(_on, backend), OPTIONS):
+            expected = uniattn.attention(*dense, **options)
+            out = uniattn.attention(*strided, **options)
+            torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-13, msg=name)
+            grads = torch.autograd.grad(out.sum(), strided)
+            for g, e in zip(grads, torch.autograd.grad(expected.sum(), dense), strict=True):
+                torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13, msg=name)
+
+
+def _global_state() -> dict:
+    """What a library must not change behind its caller's back, per loaded framework."""
+    import warnings
+
+    state = {"numpy errstate": np.geterr(), "warnings filters": len(warnings.filters)}
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        state |= {
+            "torch default dtype": torch.get_default_dtype(),
+            "torch threads": torch.get_num_threads(),
+            "torch grad enabled": torch.is_grad_enabled(),
+            "torch deterministic": torch.are_deterministic_algorithms_enabled(),
+            "torch matmul precision": torch.get_float32_matmul_precision(),
+        }
+    if "jax" in sys.modules:
+        jax = sys.modules["jax"]
+        names = ("jax_enable_x64", "jax_default_matmul_precision", "jax_disable_jit")
+        state |= {f"jax {n}": getattr(jax.config, n) for n in names}
+    if "tensorflow" in sys.modules:
+        tf = sys.modules["tensorflow"]
+        state |= {
+            "tf device policy": tf.config.experimental.get_device_policy(),
+            "tf eager": tf.executing_eagerly(),
+            "tf32": tf.config.experimental.tensor_float_32_execution_enabled(),
+            "tf soft placement": tf.config.get_soft_device_placement(),
+        }
+    return state
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax", "tensorflow"])
+def test_no_global_state_changes(framework):
+    """A forward and a gradient (both modes) leave every framework setting as it was."""
+    backend = _backend(framework)
+    before = _global_state()
+    arrays = [backend.asarray(x, "float32") for x in _inputs(5)]
+    modes = ["custom", "autodiff"] if backend.has_autodiff else ["custom"]
+    for mode, options in zip(modes * 2, OPTIONS, strict=False):
+        out, vjp_fn = uniattn.vjp(*arrays, backward=mode, **_on(backend, options))
+        vjp_fn(out)
+    uniattn.attention(*arrays, causal=True)
+    assert _global_state() == before
