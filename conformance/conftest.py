@@ -15,11 +15,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_ENABLE_X64", "1")
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from uniattn import backends
 
 from .cases import CASES
 from .xfails import XFAILS
+
+# Hypothesis profiles (test_properties.py): "ci", the default, is seeded and bounded;
+# ``--hypothesis-profile=long`` is for release checks.
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=400, derandomize=True, **_common)
+settings.register_profile("long", max_examples=3000, **_common)
+settings.load_profile("ci")
 
 
 def pytest_addoption(parser):

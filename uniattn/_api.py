@@ -268,10 +268,11 @@ class _Call:
         return _swap_length_and_heads(xp, x) if self.layout == "BTHD" else x
 
     def restore_result(self, out, lse):
-        out = self._to_user(out, self.heads)
+        """The user's ``out`` (in the inputs' dtype and layout) and ``lse``."""
+        xp = self.backend.namespace()
+        out = self._to_user(xp.astype(out, self.arrays[0].dtype), self.heads)
         if not self.return_lse:
             return out
-        xp = self.backend.namespace()
         return out, xp.reshape(lse, (*self.batch, self.heads, lse.shape[-1]))
 
     def restore_gradients(self, grads):

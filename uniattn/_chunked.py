@@ -95,7 +95,6 @@ class _Context:
         self.backend, self.options = backend, options
         self.xp = xp = backend.namespace()
         self.device = backend.device(q)
-        self.in_dtype = q.dtype
         self.acc_dtype = xp.float64 if q.dtype == xp.float64 else xp.float32
         self.q_len, self.kv_len = q.shape[-2], k.shape[-2]
         self.folded = self.q_len == 1 and q.shape[-3] > 1
@@ -301,20 +300,24 @@ def forward(
 ):
     """Attention output ``[*batch, kv_heads, groups, q_len, d_v]`` and its logsumexp.
 
-    The logsumexp ``[*batch, kv_heads, groups, q_len]`` is float32 (float64 for float64
-    inputs) and ``-inf`` on rows that see no key; those rows' output is 0. With ``remat``
+    Both are in the accumulation dtype, float32 (float64 for float64 inputs): the caller
+    rounds the output to the input dtype, and the backward's ``Δ = rowsum(dO ∘ O)`` uses
+    the unrounded one (a float16 O would cost Δ 11 bits). The logsumexp
+    ``[*batch, kv_heads, groups, q_len]`` is ``-inf`` on rows that see no key; those rows'
+    output is 0. With ``remat``
     the chunk computations are rematerialised when the framework differentiates them.
     """
     c = _Context(backend, q, k, q_lengths, k_lengths, options)
     xp = c.xp
     d_v = v.shape[-1]
+    # A 0 that depends on every differentiable input (a sum of empty slices: exactly 0,
+    # never NaN). Added to the results, it keeps them connected to the inputs where no
+    # loop trip runs (empty inputs, every key masked by lengths), so that differentiating
+    # gives zero gradients, not an error.
+    zero = sum(xp.sum(xp.astype(x[..., :0], c.acc_dtype)) for x in (q, k, v, bias) if x is not None)
     if c.empty:
-        # Zeros that still depend on q, k, v (through empty slices: exactly 0, never NaN),
-        # so that differentiating this forward gives zero gradients, not an error.
-        zero = sum(xp.sum(x[..., :0]) for x in (q, k, v))
-        out = xp.zeros((*q.shape[:-1], d_v), dtype=c.in_dtype, device=c.device) + zero
-        lse = xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device)
-        return out, lse + xp.astype(zero, c.acc_dtype)
+        out = c.zeros((*q.shape[:-1], d_v)) + zero
+        return out, xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device) + zero
     q, k, v = c.isolated(c.lift(c.fold(q)) * options.scale, c.lift(k), c.lift(v))
     bias, mask = c.lift(c.fold(bias)), c.fold(mask)
 
@@ -355,7 +358,7 @@ def forward(
         seen = l != 0.0
         l_safe = xp.where(seen, l, 1.0)
         lse = xp.where(seen, m + xp.log(l_safe), NEG_INF)
-        return xp.astype(acc / l_safe, c.in_dtype), lse[..., 0]
+        return acc / l_safe, lse[..., 0]
 
     updates = {masked: functools.partial(update, masked=masked) for masked in (False, True)}
     if remat:
@@ -370,7 +373,7 @@ def forward(
     splits = tuple(_split(xp, x, -2, c.rows) for x in (q, bias, mask))
     _, (out, lse) = c.loop(step, (), splits, c.rows)
     out, lse = _join(xp, out, -2, c.rows), _join(xp, lse, -1, c.rows)
-    return c.fold(out), c.fold(lse[..., None])[..., 0]
+    return c.fold(out) + zero, c.fold(lse[..., None])[..., 0] + zero
 
 
 def backward(
