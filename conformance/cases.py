@@ -40,6 +40,7 @@ class Case:
     chunks: tuple[int, int] = (16, 16)
     scale: float | None = None
     logit_gain: float = 1.0  # multiplies q: large values stress the running max
+    value_gain: float = 1.0  # multiplies v
     # Round q and k to integers: with a power-of-two scale the scores are then exact in
     # float32, so huge logits test the algorithm's stability, not matmul conditioning.
     integer_qk: bool = False
@@ -99,6 +100,7 @@ def make_inputs(case: Case) -> dict[str, np.ndarray | None]:
     rng = np.random.default_rng(case.seed)
     arrays = {name: rng.standard_normal(shape) for name, shape in case.shapes().items()}
     arrays["query"] = arrays["query"] * case.logit_gain
+    arrays["value"] = arrays["value"] * case.value_gain
     if case.integer_qk:
         arrays["query"], arrays["key"] = np.round(arrays["query"]), np.round(arrays["key"])
     arrays["bias"] = None if case.bias is None else rng.standard_normal(case.bias)
@@ -292,6 +294,26 @@ _CASES = [
         dtypes=ALL_DTYPES,
     ),
     Case("decode-window-alibi", 1, 100, heads=6, kv_heads=2, window=(20, 0), bias_fn="alibi"),
+    # Found by test_properties.py: a 16-bit custom backward took Δ = rowsum(dO ∘ O) from the
+    # rounded output, which a bias broadcast over every row and head sums up.
+    Case(
+        "decode-bias-scalar",
+        1,
+        3,
+        batch=(2, 2),
+        heads=4,
+        kv_heads=2,
+        d_k=1,
+        bias=(1, 1),
+        scale=0.0625,
+        chunks=(1, 1),
+        value_gain=8.0,
+        dtypes=ALL_DTYPES,
+    ),
+    # Found by test_properties.py: with every key padded no loop trip runs, and
+    # backward="autodiff" outputs were not connected to the inputs (torch raised).
+    Case("all-keys-padded", 6, 9, key_lengths=(0, -1), bias=(6, 9), chunks=(4, 4)),
+    Case("empty-batch-bias", 5, 7, batch=(0,), bias=(1, 2, 5, 7)),
     # SPEC §2 and issue 6: -inf in an additive bias is a mask, fully -inf rows included.
     Case(
         "bias-minus-inf",
