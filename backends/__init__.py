@@ -86,8 +86,20 @@ class Backend:
     dtypes: tuple[str, ...] = FLOAT_DTYPES
     #: Whether :meth:`vjp` (the framework's own reverse-mode autodiff) exists.
     has_autodiff: bool = True
-    #: Default (query_chunk_size, key_chunk_size).
+    #: Default (query_chunk_size, key_chunk_size), from ``python -m uniattn.bench tune``.
     default_chunks: tuple[int, int] = (256, 512)
+    #: Default key_chunk_size for decoding (one query row, whose folded heads are all the
+    #: rows a key chunk's fixed cost is spread over), from ``bench masks``' decode rows.
+    decode_key_chunk: int = 4096
+
+    def chunk_sizes(self, device: Any, decoding: bool) -> tuple[int, int]:
+        """Default (query_chunk_size, key_chunk_size) for arrays on ``device``.
+
+        Measured on CPUs only (no GPU was at hand to tune on); an adapter whose framework
+        runs elsewhere may choose per device here.
+        """
+        q_chunk, k_chunk = self.default_chunks
+        return q_chunk, self.decode_key_chunk if decoding else k_chunk
 
     # -- identification -----------------------------------------------------------------
     def is_array_type(self, tp: type) -> bool:

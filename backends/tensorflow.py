@@ -303,7 +303,11 @@ class TensorFlowBackend(Backend):
         return out, vjp_fn
 
     def jit(self, fn):
-        return tf.function(fn, jit_compile=True, reduce_retracing=False)
+        # uniattn needs no AutoGraph (its loops are tf.while_loop); leaving it off keeps
+        # AutoGraph from converting the test harness, whose conversion cache was seen to
+        # hand one function's converted code to another late in a long test session.
+        # test_compiled.py checks a tf.function with AutoGraph on.
+        return tf.function(fn, jit_compile=True, reduce_retracing=False, autograph=False)
 
 
 backend = TensorFlowBackend()

@@ -96,3 +96,28 @@ def test_jax_vmap_lengths(backend):
 
     out = jax.vmap(one)(q, k, v, bias, p.arrays["query_lengths"], p.arrays["key_lengths"])
     np.testing.assert_allclose(np.asarray(out), p.reference_output(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_tf_function_with_autograph(backend, jit_compile):
+    """A plain ``@tf.function`` (AutoGraph on, as users write it) around uniattn."""
+    if backend.name != "tensorflow":
+        pytest.skip("tf.function is TensorFlow's")
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    q, k, v = (tf.constant(rng.standard_normal((2, 19, 2, 8)), tf.float32) for _ in range(3))
+    lengths = tf.constant([19, 11])
+
+    @tf.function(jit_compile=jit_compile)
+    def step(q, k, v):
+        with tf.GradientTape() as tape:
+            tape.watch((q, k, v))
+            out = uniattn.attention(q, k, v, causal=True, key_lengths=lengths, key_chunk_size=5)
+            loss = tf.reduce_sum(out * out)
+        return out, tape.gradient(loss, (q, k, v))
+
+    out, grads = step(q, k, v)
+    eager = uniattn.attention(q, k, v, causal=True, key_lengths=lengths, key_chunk_size=5)
+    assert_close(out.numpy(), eager.numpy(), "float32", what="tf.function output")
+    assert all(np.isfinite(g.numpy()).all() for g in grads)

@@ -81,7 +81,8 @@ def attention(
         the length and head axes (PyTorch's SDPA). The output has the same layout.
     query_chunk_size, key_chunk_size : int, optional
         Rows and columns of the score block computed at once; clipped to the lengths.
-        None picks the backend's default.
+        None picks the backend's default for the arrays' device, tuned with
+        ``python -m uniattn.bench tune`` (decoding, ``q_len == 1``, has its own key chunk).
     backward : {"custom", "autodiff"}
         How the framework differentiates the call. "custom" (default): the forward saves
         only the output and the per-row logsumexp; the backward recomputes each chunk's
@@ -351,9 +352,8 @@ def _prepare(
     if causal:
         right = 0 if right is None else min(right, 0)
     scale = _check_scale(scale)
-    default_q_chunk, default_k_chunk = backend.default_chunks
-    q_chunk = _check_chunk("query_chunk_size", query_chunk_size, default_q_chunk)
-    k_chunk = _check_chunk("key_chunk_size", key_chunk_size, default_k_chunk)
+    q_chunk = _check_chunk("query_chunk_size", query_chunk_size)
+    k_chunk = _check_chunk("key_chunk_size", key_chunk_size)
 
     q_shape, k_shape, v_shape = (
         _static_shape(n, x) for n, x in (("query", query), ("key", key), ("value", value))
@@ -400,6 +400,9 @@ def _prepare(
             f"query has {heads} heads (shape {q_shape}), key has {kv_heads} (shape {k_shape})"
         )
 
+    default_q_chunk, default_k_chunk = backend.chunk_sizes(backend.device(query), q_len == 1)
+    q_chunk = default_q_chunk if q_chunk is None else q_chunk
+    k_chunk = default_k_chunk if k_chunk is None else k_chunk
     target = (*batch, heads, q_len, kv_len)
     groups = heads // kv_heads
     score_operands = {}
@@ -567,9 +570,9 @@ def _check_scale(scale):
     return float(scale)
 
 
-def _check_chunk(name, value, default):
+def _check_chunk(name, value):
     if value is None:
-        return default
+        return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
     if value <= 0:
