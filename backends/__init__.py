@@ -188,6 +188,15 @@ class Backend:
         """``x`` treated as a constant by autodiff."""
         return x
 
+    def cond(self, pred: Any, fast: Callable[..., Any], safe: Callable[..., Any], operands: tuple):
+        """``fast(*operands)`` if the 0-d bool ``pred`` holds, else ``safe(*operands)``.
+
+        ``safe`` must be right whatever ``pred`` says, so an adapter that cannot branch on
+        a value (a tracing compiler without a conditional) may always take it. The default
+        branches in Python (eager frameworks).
+        """
+        return fast(*operands) if bool(pred) else safe(*operands)
+
     def custom_vjp(
         self,
         fwd: Callable[..., tuple[Any, Any]],

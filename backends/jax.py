@@ -11,6 +11,8 @@ from . import Backend
 
 class JaxBackend(Backend):
     name = "jax"
+    # Decoding: key chunk from `bench masks`-style sweeps at a 32k cache (README, tuning).
+    decode_key_chunk = 16384
 
     def is_array_type(self, tp):
         # jax.Array admits tracers through isinstance only; the cache works on types.
@@ -53,6 +55,9 @@ class JaxBackend(Backend):
 
     def stop_gradient(self, x):
         return jax.lax.stop_gradient(x)
+
+    def cond(self, pred, fast, safe, operands):
+        return jax.lax.cond(pred, fast, safe, *operands)
 
     def custom_vjp(self, fwd, bwd):
         f = jax.custom_vjp(lambda *args: fwd(*args)[0])

@@ -12,6 +12,8 @@ class NumPyBackend(Backend):
     name = "numpy"
     dtypes = ("float16", "float32", "float64")  # NumPy has no bfloat16
     has_autodiff = False
+    # Decoding: key chunk from `bench masks`-style sweeps at a 32k cache (README, tuning).
+    decode_key_chunk = 1024
 
     def is_array_type(self, tp):
         return issubclass(tp, np.ndarray)

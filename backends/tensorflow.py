@@ -165,6 +165,8 @@ def _is_float_tensor(x):
 
 class TensorFlowBackend(Backend):
     name = "tensorflow"
+    # Decoding: key chunk from `bench masks`-style sweeps at a 32k cache (README, tuning).
+    decode_key_chunk = 16384
 
     def is_array_type(self, tp):
         return issubclass(tp, (tf.Tensor, tf.Variable))
@@ -258,6 +260,9 @@ class TensorFlowBackend(Backend):
 
     def stop_gradient(self, x):
         return tf.stop_gradient(x)
+
+    def cond(self, pred, fast, safe, operands):
+        return tf.cond(pred, lambda: fast(*operands), lambda: safe(*operands))
 
     def custom_vjp(self, fwd, bwd):
         @tf.custom_gradient

@@ -91,6 +91,11 @@ class TorchBackend(Backend):
     def stop_gradient(self, x):
         return x.detach()
 
+    def cond(self, pred, fast, safe, operands):
+        if torch.compiler.is_compiling():  # no graph break on a value: always safe
+            return safe(*operands)
+        return fast(*operands) if bool(pred) else safe(*operands)
+
     def custom_vjp(self, fwd, bwd):
         class Function(torch.autograd.Function):
             @staticmethod

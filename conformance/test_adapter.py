@@ -1,4 +1,4 @@
-"""The adapter contract: scan, fori_loop, add_at, remat, stop_gradient and custom_vjp behave
+"""The adapter contract: scan, fori_loop, add_at, cond, remat, stop_gradient and custom_vjp behave
 alike everywhere, eagerly and compiled."""
 
 from __future__ import annotations
@@ -168,3 +168,27 @@ def test_add_at_a_loop_index(backend, compiled):
 
     out = (backend.jit(f) if compiled else f)(bounds)[0]
     np.testing.assert_array_equal(backend.to_numpy(out), [0, 1, 2, 2, 1, 0])
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cond_takes_fast_only_when_the_predicate_holds(backend, compiled):
+    """``cond(pred, fast, safe, operands)``: ``safe`` whenever pred is False; where pred
+    holds, ``fast`` (torch.compile may take ``safe``, which must then agree); gradients
+    flow through the branch taken."""
+    xs = _arange(backend, 4)
+    xp = backend.namespace()
+
+    def f(x):
+        return backend.cond(
+            xp.sum(x) > 100.0, lambda a: (a * 3.0,), lambda a: (a * 3.0 + 0.0,), (x,)
+        )
+
+    def g(x):
+        return backend.cond(xp.sum(x) > 100.0, lambda a: (a * 0.0,), lambda a: (a * 2.0,), (x,))
+
+    f, g = (backend.jit(h) if compiled else h for h in (f, g))
+    np.testing.assert_array_equal(backend.to_numpy(g(xs)[0]), [0, 2, 4, 6])  # pred False
+    np.testing.assert_array_equal(backend.to_numpy(f(xs * 50.0)[0]), [0, 150, 300, 450])
+    if backend.has_autodiff:
+        _, vjp_fn = backend.vjp(lambda x: g(x)[0], xs)
+        np.testing.assert_array_equal(backend.to_numpy(vjp_fn(xs * 0 + 1.0)[0]), [2, 2, 2, 2])

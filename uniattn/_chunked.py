@@ -118,28 +118,27 @@ class _Context:
 
     def lift(self, x):
         """``x`` in the accumulation dtype (float32, or float64 for float64 inputs)."""
-        return None if x is None else self.xp.astype(x, self.acc_dtype)
+        return None if x is None else self.xp.astype(x, self.acc_dtype, copy=False)
 
-    def isolated(self, q, k, v):
-        """``q``, ``k``, ``v`` with non-finite entries isolated and padded keys zeroed.
+    def isolated(self, q, k, v, *, zeroed=False):
+        """``q``, ``k``, ``v`` with padded keys zeroed and non-finite entries isolated.
 
-        A query, key or value with a NaN or inf entry turns NaN exactly the rows that
-        attend it (masking replaces its scores with -inf everywhere else): such a query row
-        and key become all NaN, and such a value 0, so that ``p @ v`` of the rows that do
-        not attend it stays finite (their zero weight times NaN would be NaN). Padding
-        past ``key_lengths`` may hold anything, so padded keys and values become 0.
+        Padding past ``key_lengths`` may hold anything (NaN, inf), and a masked key's zero
+        weight times NaN would still be NaN, so padded keys and values become 0. A query,
+        key or value with a NaN or inf entry must turn NaN exactly the rows that attend it
+        (masking replaces its scores with -inf everywhere else): such a query row and key
+        become all NaN, and such a value 0, so that ``p @ v`` of the rows that do not
+        attend it stays finite. ``zeroed`` (the backward) sets every non-finite entry to 0
+        instead. Finite inputs, found by three sums, skip the isolating passes.
         """
         xp = self.xp
-
-        def finite(x):
-            return xp.all(xp.isfinite(x), axis=-1, keepdims=True)
-
-        key_ok = xp.logical_and(finite(k), finite(v))
-        q, k, v = xp.where(finite(q), q, NAN), xp.where(key_ok, k, NAN), xp.where(key_ok, v, 0.0)
-        if self.k_lengths is None:
-            return q, k, v
-        inside = xp.reshape(self._arange(0, self.kv_len), (-1, 1)) < self.k_lengths
-        return q, xp.where(inside, k, 0.0), xp.where(inside, v, 0.0)
+        if self.k_lengths is not None:
+            inside = xp.reshape(self._arange(0, self.kv_len), (-1, 1)) < self.k_lengths
+            k, v = xp.where(inside, k, 0.0), xp.where(inside, v, 0.0)
+        # An overflowing sum of finite values only costs the isolating passes.
+        finite = xp.isfinite(xp.sum(q) + xp.sum(k) + xp.sum(v))
+        safe = _zero_non_finite if zeroed else _isolate_non_finite
+        return self.backend.cond(finite, lambda *x: x, functools.partial(safe, xp), (q, k, v))
 
     def zeros(self, shape):
         return self.xp.zeros(shape, dtype=self.acc_dtype, device=self.device)
@@ -393,8 +392,7 @@ def backward(
     # Rows whose output is NaN (they attend a non-finite input, see _Context.isolated) are
     # constants here: they contribute nothing, so every other gradient stays exact.
     affected = xp.logical_not(xp.logical_or(xp.isfinite(lse), lse == NEG_INF))
-    q, k, v = (xp.where(xp.isfinite(x), x, 0.0) for x in (q, k, v))
-    q, k, v = c.isolated(c.lift(c.fold(q)) * options.scale, c.lift(k), c.lift(v))
+    q, k, v = c.isolated(c.lift(c.fold(q)) * options.scale, c.lift(k), c.lift(v), zeroed=True)
     bias, mask = c.lift(c.fold(bias)), c.fold(mask)
     affected = c.fold(affected[..., None])
     d_out = xp.where(affected, 0.0, c.lift(c.fold(d_out)))
@@ -565,6 +563,20 @@ def _join(xp, stacked, axis: int, cut: _Axis):
         (_slice_axis(merged, a, 0, full), _slice_axis(merged, a, full + drop, merged.shape[a])),
         axis=a,
     )
+
+
+def _isolate_non_finite(xp, q, k, v):
+    """NaN query rows and keys where q, k or v has a non-finite entry; such values 0."""
+
+    def finite(x):
+        return xp.all(xp.isfinite(x), axis=-1, keepdims=True)
+
+    key_ok = xp.logical_and(finite(k), finite(v))
+    return xp.where(finite(q), q, NAN), xp.where(key_ok, k, NAN), xp.where(key_ok, v, 0.0)
+
+
+def _zero_non_finite(xp, *arrays):
+    return tuple(xp.where(xp.isfinite(x), x, 0.0) for x in arrays)
 
 
 def _sum_groups(xp, x):
