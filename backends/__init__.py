@@ -188,6 +188,11 @@ class Backend:
         """``x`` treated as a constant by autodiff."""
         return x
 
+    def exp_shifted(self, s: Any, shift: Any) -> Any:
+        """``exp(s - shift)``; ``s`` is a temporary the caller never reads again, so an
+        adapter may compute it in place where autodiff does not need ``s``."""
+        return self.namespace().exp(s - shift)
+
     def cond(self, pred: Any, fast: Callable[..., Any], safe: Callable[..., Any], operands: tuple):
         """``fast(*operands)`` if the 0-d bool ``pred`` holds, else ``safe(*operands)``.
 

@@ -13,6 +13,8 @@ class JaxBackend(Backend):
     name = "jax"
     # Decoding: key chunk from `bench masks`-style sweeps at a 32k cache (README, tuning).
     decode_key_chunk = 16384
+    # From `python -m uniattn.bench tune` on the project's 2-core CPU (README, tuning).
+    default_chunks = (512, 512)
 
     def is_array_type(self, tp):
         # jax.Array admits tracers through isinstance only; the cache works on types.

@@ -14,6 +14,12 @@ class NumPyBackend(Backend):
     has_autodiff = False
     # Decoding: key chunk from `bench masks`-style sweeps at a 32k cache (README, tuning).
     decode_key_chunk = 1024
+    # From `python -m uniattn.bench tune` on the project's 2-core CPU (README, tuning).
+    default_chunks = (512, 512)
+
+    def exp_shifted(self, s, shift):
+        s -= shift  # s is a fresh temporary (see Backend.exp_shifted)
+        return np.exp(s, out=s)
 
     def is_array_type(self, tp):
         return issubclass(tp, np.ndarray)

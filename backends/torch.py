@@ -91,6 +91,11 @@ class TorchBackend(Backend):
     def stop_gradient(self, x):
         return x.detach()
 
+    def exp_shifted(self, s, shift):
+        if s.requires_grad:  # autograd may need s: out of place
+            return torch.exp(s - shift)
+        return s.sub_(shift).exp_()  # two passes over the block, no new allocation
+
     def cond(self, pred, fast, safe, operands):
         if torch.compiler.is_compiling():  # no graph break on a value: always safe
             return safe(*operands)

@@ -192,3 +192,16 @@ def test_cond_takes_fast_only_when_the_predicate_holds(backend, compiled):
     if backend.has_autodiff:
         _, vjp_fn = backend.vjp(lambda x: g(x)[0], xs)
         np.testing.assert_array_equal(backend.to_numpy(vjp_fn(xs * 0 + 1.0)[0]), [2, 2, 2, 2])
+
+
+def test_exp_shifted(backend):
+    """``exp_shifted(s, shift) == exp(s - shift)``, -inf scores and shifts of +inf included,
+    with and without autodiff watching ``s``."""
+    s = backend.asarray(np.array([[0.0, -np.inf, 3.0], [1.0, 2.0, -np.inf]]), "float64")
+    shift = backend.asarray(np.array([[3.0], [np.inf]]), "float64")
+    expected = np.exp(backend.to_numpy(s) - backend.to_numpy(shift))
+    np.testing.assert_array_equal(backend.to_numpy(backend.exp_shifted(s * 1.0, shift)), expected)
+    if backend.has_autodiff:
+        out, vjp_fn = backend.vjp(lambda x: backend.exp_shifted(x * 1.0, shift), s)
+        np.testing.assert_array_equal(backend.to_numpy(out), expected)
+        np.testing.assert_array_equal(backend.to_numpy(vjp_fn(out * 0 + 1.0)[0]), expected)

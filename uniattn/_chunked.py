@@ -29,8 +29,9 @@ loop runs in bands (:func:`_bands`): partly masked chunks at the edges, and betw
 chunks every row sees whole, computed without the structural mask.
 
 Only one ``q_chunk x k_chunk`` block of scores per head exists at a time. Loops,
-rematerialisation, ``stop_gradient`` and ``add_at`` come from the backend adapter; the
-rest is array-API calls on ``xp``.
+rematerialisation, ``stop_gradient``, ``add_at``, ``cond`` and ``exp_shifted`` (which may
+reuse the score block's memory) come from the backend adapter; the rest is array-API
+calls on ``xp``.
 """
 
 from __future__ import annotations
@@ -327,7 +328,7 @@ def forward(
         # The result does not depend on m, so no gradient needs to flow through it.
         m_new = xp.maximum(m, backend.stop_gradient(xp.max(s, axis=-1, keepdims=True)))
         m_ref = xp.where(m_new == NEG_INF, 0.0, m_new)  # rows that have seen no key yet
-        p = xp.exp(s - m_ref)
+        p = backend.exp_shifted(s, m_ref)
         rescale = xp.exp(m - m_ref)
         l = l * rescale + xp.sum(p, axis=-1, keepdims=True)
         acc = acc * rescale + xp.matmul(p, v_c)
@@ -413,7 +414,7 @@ def backward(
         the loops), so no ``q_chunk x k_chunk`` block is ever transposed.
         """
         s = c.scores(q_c, kt_c, bias_c, mask_c, r, j, masked, overlapping_rows=masked)
-        p = xp.exp(s - lse_c)
+        p = backend.exp_shifted(s, lse_c)
         ds = p * (xp.matmul(do_c, vt_c) - delta_c)
         dkt = _sum_groups(xp, xp.matmul(qt_c, ds))
         dvt = _sum_groups(xp, xp.matmul(dot_c, p))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 SUBCOMMANDS = ("memory", "speed", "scale", "tune", "masks", "backward")
 ALL = ("memory", "speed", "scale", "masks", "backward")
+SIZED = ("memory", "speed")  # the subcommands --n applies to
 
 
 def main(argv=None) -> int:
@@ -29,12 +30,19 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
     parser.add_argument("--full", action="store_true", help="memory: up to n 2^18")
     parser.add_argument("--out", type=Path, help="directory for markdown, JSON and PNG results")
+    parser.add_argument(
+        "--n",
+        type=int,
+        action="append",
+        help="sequence length to measure instead of the defaults (repeatable; memory, speed)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     names = args.backend or backends.installed()
     for name in ALL if args.subcommand == "all" else (args.subcommand,):
         module = importlib.import_module(f"uniattn.bench.{name}")
-        report = module.run(names, quick=args.quick, full=args.full)
+        sized = {"ns": args.n} if args.n and name in SIZED else {}
+        report = module.run(names, quick=args.quick, full=args.full, **sized)
         print(report.markdown() + "\n", flush=True)
         if args.out:
             written = report.write(args.out)

@@ -23,8 +23,8 @@ def io_bytes(n: int, gradient: bool, d: int = 64) -> int:
     return (8 if gradient else 4) * n * d * 4
 
 
-def run(names, quick: bool = False, full: bool = False) -> Report:
-    ns = lengths(quick, full)
+def run(names, quick: bool = False, full: bool = False, ns: list[int] | None = None) -> Report:
+    ns = ns or lengths(quick, full)
     report = Report(
         "memory",
         "Peak memory above the inputs and time, 1 head, d 64, float32: uniattn against the "

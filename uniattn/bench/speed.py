@@ -20,8 +20,8 @@ def lengths(quick: bool, full: bool = False) -> list[int]:
     return [1024, 2048] if quick else [1024, 2048, 4096, 8192, 16384]
 
 
-def run(names, quick: bool = False, full: bool = False) -> Report:
-    ns = lengths(quick, full)
+def run(names, quick: bool = False, full: bool = False, ns: list[int] | None = None) -> Report:
+    ns = ns or lengths(quick, full)
     report = Report(
         "speed",
         f"Time of attention, batch 1, {HEADS} heads, d {D}, float32; ratio = time / uniattn's "
