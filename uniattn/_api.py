@@ -271,7 +271,7 @@ class _Call:
     def restore_result(self, out, lse):
         """The user's ``out`` (in the inputs' dtype and layout) and ``lse``."""
         xp = self.backend.namespace()
-        out = self._to_user(xp.astype(out, self.arrays[0].dtype), self.heads)
+        out = self._to_user(xp.astype(out, self.arrays[0].dtype, copy=False), self.heads)
         if not self.return_lse:
             return out
         return out, xp.reshape(lse, (*self.batch, self.heads, lse.shape[-1]))

@@ -310,15 +310,12 @@ def forward(
     c = _Context(backend, q, k, q_lengths, k_lengths, options)
     xp = c.xp
     d_v = v.shape[-1]
-    # A 0 that depends on every differentiable input (a sum of empty slices: exactly 0,
-    # never NaN). Added to the results, it keeps them connected to the inputs where no
-    # loop trip runs (empty inputs, every key masked by lengths), so that differentiating
-    # gives zero gradients, not an error.
-    zero = sum(xp.sum(xp.astype(x[..., :0], c.acc_dtype)) for x in (q, k, v, bias) if x is not None)
     if c.empty:
+        zero = _connected_zero(xp, c.acc_dtype, q, k, v, bias)
         out = c.zeros((*q.shape[:-1], d_v)) + zero
         return out, xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device) + zero
-    q, k, v = c.isolated(c.lift(c.fold(q)) * options.scale, c.lift(k), c.lift(v))
+    q, k, v = c.isolated(c.lift(c.fold(q)), c.lift(k), c.lift(v))
+    q = q * options.scale  # after isolating: XLA then fuses both into the chunking
     bias, mask = c.lift(c.fold(bias)), c.fold(mask)
 
     def update(m, l, acc, q_c, kt_c, v_c, bias_c, mask_c, r_index, k_index, *, masked):
@@ -338,10 +335,12 @@ def forward(
         """Output and logsumexp of one block of rows against every key it can see."""
         by_key = (_split(xp, bias_c, -1, c.keys), _split(xp, mask_c, -1, c.keys))
         rows = q_c.shape[:-1]
+        # Connected to the inputs even if no key chunk is visible (no loop trip runs).
+        zero = _connected_zero(xp, c.acc_dtype, q_c, kt_chunks, v_chunks, bias_c)
         init = (
-            xp.full((*rows, 1), NEG_INF, dtype=c.acc_dtype, device=c.device),
+            xp.full((*rows, 1), NEG_INF, dtype=c.acc_dtype, device=c.device) + zero,
             c.zeros((*rows, 1)),
-            c.zeros((*rows, d_v)),
+            c.zeros((*rows, d_v)) + zero,
         )
 
         def body(masked):
@@ -373,7 +372,7 @@ def forward(
     splits = tuple(_split(xp, x, -2, c.rows) for x in (q, bias, mask))
     _, (out, lse) = c.loop(step, (), splits, c.rows)
     out, lse = _join(xp, out, -2, c.rows), _join(xp, lse, -1, c.rows)
-    return c.fold(out) + zero, c.fold(lse[..., None])[..., 0] + zero
+    return c.fold(out), c.fold(lse[..., None])[..., 0]
 
 
 def backward(
@@ -393,7 +392,8 @@ def backward(
     # Rows whose output is NaN (they attend a non-finite input, see _Context.isolated) are
     # constants here: they contribute nothing, so every other gradient stays exact.
     affected = xp.logical_not(xp.logical_or(xp.isfinite(lse), lse == NEG_INF))
-    q, k, v = c.isolated(c.lift(c.fold(q)) * options.scale, c.lift(k), c.lift(v), zeroed=True)
+    q, k, v = c.isolated(c.lift(c.fold(q)), c.lift(k), c.lift(v), zeroed=True)
+    q = q * options.scale
     bias, mask = c.lift(c.fold(bias)), c.fold(mask)
     affected = c.fold(affected[..., None])
     d_out = xp.where(affected, 0.0, c.lift(c.fold(d_out)))
@@ -564,6 +564,13 @@ def _join(xp, stacked, axis: int, cut: _Axis):
         (_slice_axis(merged, a, 0, full), _slice_axis(merged, a, full + drop, merged.shape[a])),
         axis=a,
     )
+
+
+def _connected_zero(xp, dtype, *arrays):
+    """A 0 that depends on every given array (a sum of empty slices: exactly 0, never NaN),
+    so that a result it is added to stays differentiable (zero gradients, not an error)
+    where no loop trip ran: empty inputs, or every key masked by lengths."""
+    return sum(xp.sum(xp.astype(x[..., :0], dtype)) for x in arrays if x is not None)
 
 
 def _isolate_non_finite(xp, q, k, v):
