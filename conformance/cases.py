@@ -308,12 +308,20 @@ _CASES = [
         scale=0.0625,
         chunks=(1, 1),
         value_gain=8.0,
-        dtypes=ALL_DTYPES,
+        dtypes=("float16", "bfloat16"),  # the bug was 16-bit rounding
     ),
     # Found by test_properties.py: with every key padded no loop trip runs, and
     # backward="autodiff" outputs were not connected to the inputs (torch raised).
-    Case("all-keys-padded", 6, 9, key_lengths=(0, -1), bias=(6, 9), chunks=(4, 4)),
-    Case("empty-batch-bias", 5, 7, batch=(0,), bias=(1, 2, 5, 7)),
+    Case(
+        "all-keys-padded",
+        6,
+        9,
+        key_lengths=(0, -1),
+        bias=(6, 9),
+        chunks=(4, 4),
+        dtypes=("float32",),  # structural: any dtype shows it
+    ),
+    Case("empty-batch-bias", 5, 7, batch=(0,), bias=(1, 2, 5, 7), dtypes=("float32",)),
     # SPEC §2 and issue 6: -inf in an additive bias is a mask, fully -inf rows included.
     Case(
         "bias-minus-inf",
@@ -335,7 +343,7 @@ _CASES = [
         scale=1e4,
         causal=True,
         chunks=(8, 16),
-        dtypes=("float64", "float16", "bfloat16"),
+        dtypes=("float64", "float16"),
     ),
     Case("huge-logits", 32, 48, logit_gain=1e3, integer_qk=True, scale=0.125, chunks=(8, 8)),
     Case(

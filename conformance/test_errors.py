@@ -118,6 +118,11 @@ MISUSES = {
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("misuse", sorted(MISUSES))
 def test_misuse_raises_a_clear_error(backend, misuse, compiled):
+    if compiled and backend.name == "torch":
+        pytest.skip(
+            "torch.compile meets the check as a graph break and runs it eagerly: the eager "
+            "variant is the same code path"
+        )
     make, exception, patterns = MISUSES[misuse]
     q, k, v = _arrays(backend)
     args = dict(query=q, key=k, value=v)
