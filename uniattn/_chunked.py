@@ -304,8 +304,8 @@ def forward(
     rounds the output to the input dtype, and the backward's ``Δ = rowsum(dO ∘ O)`` uses
     the unrounded one (a float16 O would cost Δ 11 bits). The logsumexp
     ``[*batch, kv_heads, groups, q_len]`` is ``-inf`` on rows that see no key; those rows'
-    output is 0. With ``remat``
-    the chunk computations are rematerialised when the framework differentiates them.
+    output is 0. With ``remat`` the chunk computations are rematerialised when the
+    framework differentiates them.
     """
     c = _Context(backend, q, k, q_lengths, k_lengths, options)
     xp = c.xp
@@ -315,7 +315,7 @@ def forward(
         out = c.zeros((*q.shape[:-1], d_v)) + zero
         return out, xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device) + zero
     q, k, v = c.isolated(c.lift(c.fold(q)), c.lift(k), c.lift(v))
-    q = q * options.scale  # after isolating: XLA then fuses both into the chunking
+    q = q * options.scale
     bias, mask = c.lift(c.fold(bias)), c.fold(mask)
 
     def update(m, l, acc, q_c, kt_c, v_c, bias_c, mask_c, r_index, k_index, *, masked):
