@@ -13,6 +13,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # float64 cases need JAX's x64 mode (array-api-tests does the same); the x64-off default
 # has its own test in test_semantics.py.
 os.environ.setdefault("JAX_ENABLE_X64", "1")
+# XLA:CPU spends most of a compile in LLVM's optimiser, and the suite compiles a program
+# per (case, dtype, backward mode) to run it once: LLVM at -O0 halves the suite's time.
+# XLA's own passes (fusion, layouts, loops, buffers) run as usual. XLA_FLAGS that set a
+# level (e.g. --xla_backend_optimization_level=2, the default) are left alone.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
 
 import pytest
 from hypothesis import HealthCheck, settings
