@@ -168,6 +168,14 @@ class Backend:
         """
         raise NotImplementedError
 
+    def chunks(self, stacked: Any) -> Any:
+        """``stacked`` (chunks on axis 0) as a loop body indexes it: ``chunks(s)[i]``.
+
+        The default is the array itself. An adapter may store it otherwise where its
+        compiler would copy the stacked array into the loop (JAX keeps it flat).
+        """
+        return stacked
+
     def add_at(self, x: Any, start: Any, update: Any, axis: int) -> Any:
         """``x`` plus ``update`` on ``[start, start + update.shape[axis])`` along ``axis``.
 

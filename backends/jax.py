@@ -31,8 +31,28 @@ class JaxBackend(Backend):
         return jax.jit(fn)
 
     def scan(self, step, init, xs, length):
+        # Scanned chunks travel flat, as in `chunks`; so do the stacked results.
+        flat_xs = [_Flat(x) for x in xs]
+        structure = []
+
+        def body(carry, x):
+            index, *parts = x
+            carry, ys = step(
+                carry, index, [f.unflatten(p) for f, p in zip(flat_xs, parts, strict=True)]
+            )
+            leaves, tree = jax.tree.flatten(ys)
+            structure[:] = [tree, [y.shape for y in leaves]]
+            return carry, [y.reshape(-1) for y in leaves]
+
         index = jnp.arange(length, dtype=jnp.int32)
-        return jax.lax.scan(lambda c, x: step(c, x[0], x[1:]), init, (index, *xs), length=length)
+        carry, ys = jax.lax.scan(body, init, (index, *(f.flat for f in flat_xs)), length=length)
+        tree, shapes = structure
+        return carry, jax.tree.unflatten(
+            tree, [y.reshape(length, *s) for y, s in zip(ys, shapes, strict=True)]
+        )
+
+    def chunks(self, stacked):
+        return _Flat(stacked)
 
     def fori_loop(self, lower, upper, body, init, max_trips):
         if isinstance(lower, int) and isinstance(upper, int):
@@ -88,6 +108,35 @@ class JaxBackend(Backend):
 
     def block(self, x):
         return jax.block_until_ready(x)
+
+
+@jax.tree_util.register_pytree_node_class
+class _Flat:
+    """Stacked chunks ``[count, *shape]`` held as ``[count, prod(shape)]``.
+
+    XLA lays a stacked ``[count, 1, .., rows, d]`` operand out as it likes in the unit
+    axes, then copies it into a loop that wants another layout: one n·d buffer per
+    operand (measured with ``memory_analysis()``). A flat operand has one layout.
+    """
+
+    def __init__(self, stacked):
+        self.shape = stacked.shape[1:]
+        self.flat = stacked.reshape(stacked.shape[0], -1)
+
+    def tree_flatten(self):
+        return (self.flat,), self.shape
+
+    @classmethod
+    def tree_unflatten(cls, shape, children):
+        flat = object.__new__(cls)
+        flat.shape, flat.flat = shape, children[0]
+        return flat
+
+    def unflatten(self, part):
+        return part.reshape(self.shape)
+
+    def __getitem__(self, index):
+        return self.unflatten(self.flat[index])
 
 
 backend = JaxBackend()

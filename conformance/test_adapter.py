@@ -1,5 +1,5 @@
-"""The adapter contract: scan, fori_loop, add_at, cond, remat, stop_gradient and custom_vjp behave
-alike everywhere, eagerly and compiled."""
+"""The adapter contract: scan, fori_loop, chunks, add_at, cond, remat, stop_gradient and
+custom_vjp behave alike everywhere, eagerly and compiled."""
 
 from __future__ import annotations
 
@@ -205,3 +205,32 @@ def test_exp_shifted(backend):
         out, vjp_fn = backend.vjp(lambda x: backend.exp_shifted(x * 1.0, shift), s)
         np.testing.assert_array_equal(backend.to_numpy(out), expected)
         np.testing.assert_array_equal(backend.to_numpy(vjp_fn(out * 0 + 1.0)[0]), expected)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_chunks_indexed_in_a_loop_and_through_remat(backend, compiled):
+    """``chunks(stacked)[i]`` is ``stacked[i]`` at a loop's index, also as an argument of
+    a rematerialised function inside a scan (as the forward passes its key chunks), and
+    gradients reach ``stacked`` through it."""
+    xp = backend.namespace()
+    stacked = xp.reshape(_arange(backend, 24), (3, 1, 2, 4))
+    scales = _arange(backend, 2) + 1.0  # scan steps: 1, 2
+
+    def f(stacked):
+        @backend.remat
+        def block(chunks, scale):
+            def body(i, carry):
+                return (carry[0] + chunks[i] * scale,)
+
+            return backend.fori_loop(0, 3, body, (stacked[0] * 0.0,), 3)[0]
+
+        chunks = backend.chunks(stacked * 1.0)
+        return backend.scan(lambda c, i, x: (c, block(chunks, x[0])), (), (scales,), 2)[1]
+
+    g = backend.jit(f) if compiled else f
+    total = np.arange(24.0).reshape(3, 1, 2, 4).sum(axis=0)
+    np.testing.assert_array_equal(backend.to_numpy(g(stacked)), [total, 2 * total])
+    if backend.has_autodiff and not compiled:  # compiled gradients: test_compiled.py
+        _, vjp_fn = backend.vjp(f, stacked)
+        grad = vjp_fn(backend.asarray(np.ones((2, 1, 2, 4)), "float64"))[0]
+        np.testing.assert_array_equal(backend.to_numpy(grad), np.full((3, 1, 2, 4), 3.0))

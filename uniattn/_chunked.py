@@ -121,25 +121,37 @@ class _Context:
         """``x`` in the accumulation dtype (float32, or float64 for float64 inputs)."""
         return None if x is None else self.xp.astype(x, self.acc_dtype, copy=False)
 
-    def isolated(self, q, k, v, *, zeroed=False):
-        """``q``, ``k``, ``v`` with padded keys zeroed and non-finite entries isolated.
+    def isolated_keys(self, k, v):
+        """``k``, ``v`` with padded keys zeroed and non-finite keys isolated (forward).
 
         Padding past ``key_lengths`` may hold anything (NaN, inf), and a masked key's zero
-        weight times NaN would still be NaN, so padded keys and values become 0. A query,
-        key or value with a NaN or inf entry must turn NaN exactly the rows that attend it
-        (masking replaces its scores with -inf everywhere else): such a query row and key
-        become all NaN, and such a value 0, so that ``p @ v`` of the rows that do not
-        attend it stays finite. ``zeroed`` (the backward) sets every non-finite entry to 0
-        instead. Finite inputs, found by three sums, skip the isolating passes.
+        weight times NaN would still be NaN, so padded keys and values become 0. A key or
+        value with a NaN or inf entry must turn NaN exactly the rows that attend it
+        (masking replaces its scores with -inf everywhere else): such a key becomes all
+        NaN and its value 0, so that ``p @ v`` of the rows that do not attend it stays
+        finite. Query rows get the same treatment per block (:func:`_isolate_rows`).
+        Finite inputs, found by two sums, skip the isolating passes.
         """
+        return self._unpadded_then(_isolate_non_finite_keys, k, v)
+
+    def zeroed(self, q, k, v):
+        """``q``, ``k``, ``v`` with padded keys and every non-finite entry 0 (backward)."""
+        k, v, q = self._unpadded_then(_zero_non_finite, k, v, q)
+        return q, k, v
+
+    def _unpadded_then(self, safe, k, v, *others):
         xp = self.xp
         if self.k_lengths is not None:
             inside = xp.reshape(self._arange(0, self.kv_len), (-1, 1)) < self.k_lengths
             k, v = xp.where(inside, k, 0.0), xp.where(inside, v, 0.0)
+        arrays = (k, v, *others)
         # An overflowing sum of finite values only costs the isolating passes.
-        finite = xp.isfinite(xp.sum(q) + xp.sum(k) + xp.sum(v))
-        safe = _zero_non_finite if zeroed else _isolate_non_finite
-        return self.backend.cond(finite, lambda *x: x, functools.partial(safe, xp), (q, k, v))
+        finite = xp.isfinite(sum(xp.sum(x) for x in arrays))
+        return self.backend.cond(finite, lambda *x: x, functools.partial(safe, xp), arrays)
+
+    def indexed(self, split: _Split) -> _Split:
+        """``split`` as a loop body indexes it by its loop's index (``Backend.chunks``)."""
+        return split if split.chunks is None else _Split(self.backend.chunks(split.chunks))
 
     def zeros(self, shape):
         return self.xp.zeros(shape, dtype=self.acc_dtype, device=self.device)
@@ -314,9 +326,8 @@ def forward(
         zero = _connected_zero(xp, c.acc_dtype, q, k, v, bias)
         out = c.zeros((*q.shape[:-1], d_v)) + zero
         return out, xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device) + zero
-    q, k, v = c.isolated(c.lift(c.fold(q)), c.lift(k), c.lift(v))
-    q = q * options.scale
-    bias, mask = c.lift(c.fold(bias)), c.fold(mask)
+    k, v = c.isolated_keys(c.lift(k), c.lift(v))
+    q, bias, mask = c.lift(c.fold(q)), c.lift(c.fold(bias)), c.fold(mask)
 
     def update(m, l, acc, q_c, kt_c, v_c, bias_c, mask_c, r_index, k_index, *, masked):
         """Fold one key chunk into the running (max, sum, accumulator) of a row block;
@@ -331,12 +342,15 @@ def forward(
         acc = acc * rescale + xp.matmul(p, v_c)
         return m_new, l, acc
 
-    def row_block(q_c, bias_c, mask_c, r_index, kt_chunks, v_chunks):
+    def row_block(q_c, bias_c, mask_c, r_index, kt_stack, v_stack):
         """Output and logsumexp of one block of rows against every key it can see."""
+        kt_chunks, v_chunks = _Split(kt_stack), _Split(v_stack)
+        # Scaled per block: a scaled copy of all of q would be one more n·d buffer.
+        q_c = _isolate_rows(xp, q_c) * options.scale
         by_key = (_split(xp, bias_c, -1, c.keys), _split(xp, mask_c, -1, c.keys))
         rows = q_c.shape[:-1]
         # Connected to the inputs even if no key chunk is visible (no loop trip runs).
-        zero = _connected_zero(xp, c.acc_dtype, q_c, kt_chunks, v_chunks, bias_c)
+        zero = _connected_zero(xp, c.acc_dtype, q_c, kt_chunks.at(0), v_chunks.at(0), bias_c)
         init = (
             xp.full((*rows, 1), NEG_INF, dtype=c.acc_dtype, device=c.device) + zero,
             c.zeros((*rows, 1)),
@@ -345,7 +359,7 @@ def forward(
 
         def body(masked):
             def fold_in(j, carry):
-                chunks = (kt_chunks[j], v_chunks[j], by_key[0].at(j), by_key[1].at(j))
+                chunks = (kt_chunks.at(j), v_chunks.at(j), by_key[0].at(j), by_key[1].at(j))
                 return updates[masked](*carry, q_c, *chunks, r_index, j)
 
             return fold_in
@@ -363,11 +377,11 @@ def forward(
     if remat:
         updates = {masked: backend.remat(fn) for masked, fn in updates.items()}
         row_block = backend.remat(row_block)
-    kt_chunks = _split(xp, xp.matrix_transpose(k), -1, c.keys).chunks
-    v_chunks = _split(xp, v, -2, c.keys).chunks
+    kt_stack = c.indexed(_split(xp, xp.matrix_transpose(k), -1, c.keys)).chunks
+    v_stack = c.indexed(_split(xp, v, -2, c.keys)).chunks
 
     def step(carry, r_index, chunks):
-        return carry, row_block(*chunks, r_index, kt_chunks, v_chunks)
+        return carry, row_block(*chunks, r_index, kt_stack, v_stack)
 
     splits = tuple(_split(xp, x, -2, c.rows) for x in (q, bias, mask))
     _, (out, lse) = c.loop(step, (), splits, c.rows)
@@ -389,10 +403,10 @@ def backward(
     if c.empty:
         grads = (q, k, v, bias)
         return tuple(None if g is None else xp.zeros_like(g) for g in grads)
-    # Rows whose output is NaN (they attend a non-finite input, see _Context.isolated) are
-    # constants here: they contribute nothing, so every other gradient stays exact.
+    # Rows whose output is NaN (they attend a non-finite input, see _Context.isolated_keys)
+    # are constants here: they contribute nothing, so every other gradient stays exact.
     affected = xp.logical_not(xp.logical_or(xp.isfinite(lse), lse == NEG_INF))
-    q, k, v = c.isolated(c.lift(c.fold(q)), c.lift(k), c.lift(v), zeroed=True)
+    q, k, v = c.zeroed(c.lift(c.fold(q)), c.lift(k), c.lift(v))
     q = q * options.scale
     bias, mask = c.lift(c.fold(bias)), c.fold(mask)
     affected = c.fold(affected[..., None])
@@ -422,13 +436,9 @@ def backward(
         return xp.matmul(ds, k_c), dkt, dvt, db
 
     t = xp.matrix_transpose
-    by_rows = (
-        _split(xp, q, -2, c.rows),
-        _split(xp, t(q), -1, c.rows),
-        _split(xp, d_out, -2, c.rows),
-        _split(xp, t(d_out), -1, c.rows),
-        _split(xp, lse, -2, c.rows),
-        _split(xp, delta, -2, c.rows),
+    by_rows = tuple(
+        c.indexed(_split(xp, x, axis, c.rows))
+        for x, axis in ((q, -2), (t(q), -1), (d_out, -2), (t(d_out), -1), (lse, -2), (delta, -2))
     )
     bias_by_keys = bias is not None and bias.shape[-1] == c.kv_len
     bias_by_rows = bias is not None and bias.shape[-2] == c.rows.length
@@ -573,14 +583,19 @@ def _connected_zero(xp, dtype, *arrays):
     return sum(xp.sum(xp.astype(x[..., :0], dtype)) for x in arrays if x is not None)
 
 
-def _isolate_non_finite(xp, q, k, v):
-    """NaN query rows and keys where q, k or v has a non-finite entry; such values 0."""
+def _finite_rows(xp, x):
+    return xp.all(xp.isfinite(x), axis=-1, keepdims=True)
 
-    def finite(x):
-        return xp.all(xp.isfinite(x), axis=-1, keepdims=True)
 
-    key_ok = xp.logical_and(finite(k), finite(v))
-    return xp.where(finite(q), q, NAN), xp.where(key_ok, k, NAN), xp.where(key_ok, v, 0.0)
+def _isolate_rows(xp, q):
+    """Query rows with a non-finite entry, all NaN (see :meth:`_Context.isolated_keys`)."""
+    return xp.where(_finite_rows(xp, q), q, NAN)
+
+
+def _isolate_non_finite_keys(xp, k, v):
+    """NaN keys where k or v has a non-finite entry, and such values 0."""
+    key_ok = xp.logical_and(_finite_rows(xp, k), _finite_rows(xp, v))
+    return xp.where(key_ok, k, NAN), xp.where(key_ok, v, 0.0)
 
 
 def _zero_non_finite(xp, *arrays):
