@@ -172,7 +172,9 @@ class Backend:
         """``stacked`` (chunks on axis 0) as a loop body indexes it: ``chunks(s)[i]``.
 
         The default is the array itself. An adapter may store it otherwise where its
-        compiler would copy the stacked array into the loop (JAX keeps it flat).
+        compiler would copy the stacked array into the loop (JAX keeps it flat). The result
+        is passed to :meth:`remat`-wrapped functions, so it must be something they accept
+        as an argument (an array; on JAX, a pytree of arrays).
         """
         return stacked
 

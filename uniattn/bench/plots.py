@@ -31,13 +31,17 @@ def plot(report: Report, out: Path) -> list[Path]:
 
 def _memory(plt, raw):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    # One colour per backend in both panels; uniattn solid, plain dashed.
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = {name: cycle[i % len(cycle)] for i, name in enumerate(raw["backends"])}
     for ax, task in zip(axes, ("forward", "gradient"), strict=True):
         for name, by_task in raw["backends"].items():
             lines = [x for x in by_task.get(task, []) if "peak_bytes" in x]
             for impl, style in (("uniattn", "-o"), ("plain", "--x")):
                 pts = sorted((x["n"], x["peak_bytes"] / MiB) for x in lines if x["impl"] == impl)
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), style, label=f"{name} {impl}")
+                    label = f"{name} {impl}"
+                    ax.plot(*zip(*pts, strict=True), style, color=colours[name], label=label)
         ax.set(
             xscale="log",
             yscale="log",
@@ -45,8 +49,8 @@ def _memory(plt, raw):
             title="inference" if task == "forward" else "differentiation",
         )
         ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
     axes[0].set_ylabel("peak memory above inputs (MiB)")
-    axes[1].legend(fontsize=7, ncol=2)
     return fig
 
 
