@@ -344,13 +344,12 @@ def forward(
 
     def row_block(q_c, bias_c, mask_c, r_index, kt_stack, v_stack):
         """Output and logsumexp of one block of rows against every key it can see."""
-        kt_chunks, v_chunks = _Split(kt_stack), _Split(v_stack)
         # Scaled per block: a scaled copy of all of q would be one more n·d buffer.
         q_c = _isolate_rows(xp, q_c) * options.scale
         by_key = (_split(xp, bias_c, -1, c.keys), _split(xp, mask_c, -1, c.keys))
         rows = q_c.shape[:-1]
         # Connected to the inputs even if no key chunk is visible (no loop trip runs).
-        zero = _connected_zero(xp, c.acc_dtype, q_c, kt_chunks.at(0), v_chunks.at(0), bias_c)
+        zero = _connected_zero(xp, c.acc_dtype, q_c, kt_stack[0], v_stack[0], bias_c)
         init = (
             xp.full((*rows, 1), NEG_INF, dtype=c.acc_dtype, device=c.device) + zero,
             c.zeros((*rows, 1)),
@@ -359,7 +358,7 @@ def forward(
 
         def body(masked):
             def fold_in(j, carry):
-                chunks = (kt_chunks.at(j), v_chunks.at(j), by_key[0].at(j), by_key[1].at(j))
+                chunks = (kt_stack[j], v_stack[j], by_key[0].at(j), by_key[1].at(j))
                 return updates[masked](*carry, q_c, *chunks, r_index, j)
 
             return fold_in
@@ -377,8 +376,8 @@ def forward(
     if remat:
         updates = {masked: backend.remat(fn) for masked, fn in updates.items()}
         row_block = backend.remat(row_block)
-    kt_stack = c.indexed(_split(xp, xp.matrix_transpose(k), -1, c.keys)).chunks
-    v_stack = c.indexed(_split(xp, v, -2, c.keys)).chunks
+    kt_stack = backend.chunks(_split(xp, xp.matrix_transpose(k), -1, c.keys).chunks)
+    v_stack = backend.chunks(_split(xp, v, -2, c.keys).chunks)
 
     def step(carry, r_index, chunks):
         return carry, row_block(*chunks, r_index, kt_stack, v_stack)
