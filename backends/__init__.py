@@ -199,8 +199,8 @@ class Backend:
         return x
 
     def exp_shifted(self, s: Any, shift: Any) -> Any:
-        """``exp(s - shift)``; ``s`` is a temporary the caller never reads again, so an
-        adapter may compute it in place where autodiff does not need ``s``."""
+        """``exp(s - shift)``, to a few ulp; ``s`` is a temporary the caller never reads
+        again, so an adapter may compute it in place where autodiff does not need ``s``."""
         return self.namespace().exp(s - shift)
 
     def cond(self, pred: Any, fast: Callable[..., Any], safe: Callable[..., Any], operands: tuple):

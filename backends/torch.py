@@ -20,6 +20,9 @@ xp = types.SimpleNamespace(
 xp.matmul = torch.matmul
 
 
+_LOG2_E = 1.4426950408889634  # exp(x) = 2 ** (x * log2(e))
+
+
 def _needs_grad(args):
     return torch.is_grad_enabled() and any(
         isinstance(a, torch.Tensor) and a.requires_grad for a in args
@@ -94,7 +97,9 @@ class TorchBackend(Backend):
     def exp_shifted(self, s, shift):
         if s.requires_grad:  # autograd may need s: out of place
             return torch.exp(s - shift)
-        return s.sub_(shift).exp_()  # two passes over the block, no new allocation
+        # In place, and as exp2: torch's CPU exp2 takes about half the time of its exp,
+        # which is the costliest pass over a score block; the extra scaling pass is cheap.
+        return s.sub_(shift).mul_(_LOG2_E).exp2_()
 
     def cond(self, pred, fast, safe, operands):
         if torch.compiler.is_compiling():  # no graph break on a value: always safe
