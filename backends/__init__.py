@@ -86,6 +86,9 @@ class Backend:
     dtypes: tuple[str, ...] = FLOAT_DTYPES
     #: Whether :meth:`vjp` (the framework's own reverse-mode autodiff) exists.
     has_autodiff: bool = True
+    #: Whether :meth:`stage` compiles once per input shape (so a benchmark warms up every
+    #: length, not only the first, before it measures time and memory).
+    compiles_per_shape: bool = False
     #: Default (query_chunk_size, key_chunk_size), from ``python -m uniattn.bench tune``.
     default_chunks: tuple[int, int] = (256, 512)
     #: Default key_chunk_size for decoding (one query row, whose folded heads are all the

@@ -13,6 +13,7 @@ class JaxBackend(Backend):
     name = "jax"
     # Decoding: key chunk from `bench masks`-style sweeps at a 32k cache (README, tuning).
     decode_key_chunk = 16384
+    compiles_per_shape = True
     # `bench tune` favours 512 x 512 by 7%, but XLA then holds 44x less memory than plain
     # attention at n 16384 (inference) instead of 64x: below the paper's 59x. Kept 256 x 512.
 

@@ -69,21 +69,13 @@ def _task_memory(backend, spec) -> None:
                 continue
             args = (q, k, v, d_out) if gradient else (q, k, v)
             run = _gradient(backend, fn) if gradient else fn
-            if n == spec["ns"][0] or _compiles_per_shape(backend):
+            if n == spec["ns"][0] or backend.compiles_per_shape:
                 run = backend.precompile(run, *args)  # later lengths reuse the warm-up
             seconds, peak = _timed_peak(backend, run, args)
             if seconds < 2:  # cheap enough for a median
                 repeat = {impl: lambda run=run, args=args: run(*args)}
                 seconds = interleaved_medians(repeat, backend.block, spec["repeats"])[impl]
             _emit(n=n, impl=impl, peak_bytes=peak, seconds=seconds)
-
-
-def _compiles_per_shape(backend) -> bool:
-    """Whether ``backend.precompile`` compiles for the shape (JAX: ahead of time, without a
-    run), rather than warming up with a whole run that a longer length need not repeat."""
-    from uniattn.backends import Backend
-
-    return type(backend).precompile is not Backend.precompile
 
 
 def _timed_peak(backend, run, args) -> tuple[float, int]:
