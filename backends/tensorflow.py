@@ -11,7 +11,6 @@ import contextlib
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.eager import record  # no public API asks whether a tape watches x
 
 from . import Backend, python_fori, python_scan
 
@@ -185,20 +184,6 @@ class TensorFlowBackend(Backend):
     def device_scope(self, x):
         # TF places an op on its default device, not its inputs'; keep the inputs'.
         return tf.device(x.device) if getattr(x, "device", "") else contextlib.nullcontext()
-
-    def stage(self, fn):
-        # Eager TF runs the loops op by op; XLA fuses each chunk's softmax (about 2x).
-        compiled = tf.function(fn, jit_compile=True, reduce_retracing=False, autograph=False)
-
-        def staged(*args):
-            # Op by op inside the caller's tf.function (traced inline, under the caller's
-            # compiler) and under a tape that watches the inputs: it cannot differentiate
-            # XLA's loops from eager code (see conformance/xfails.py).
-            if not tf.executing_eagerly() or record.should_record_backprop(_leaves(args)):
-                return fn(*args)
-            return compiled(*args)
-
-        return staged
 
     def scan(self, step, init, xs, length):
         if tf.executing_eagerly():

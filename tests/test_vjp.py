@@ -123,37 +123,3 @@ def test_second_order_tensorflow_autodiff_is_unsupported():
     """tf.recompute_grad cannot be differentiated twice (a documented limit)."""
     with pytest.raises(NotImplementedError, match="recompute_grad"):
         _second_order_tensorflow("autodiff")
-
-
-def test_tensorflow_stages_eager_calls_with_xla_once_per_shape():
-    """Eager TF calls run the compiled forward: its Python runs once per shape, not per call."""
-    tf = pytest.importorskip("tensorflow", reason="needs TensorFlow")
-    from uniattn.backends import tensorflow as adapter
-
-    runs = []
-
-    def fn(x):
-        runs.append(1)
-        return tf.exp(x)
-
-    staged = adapter.backend.stage(fn)
-    x = tf.constant([0.0, 1.0])
-    for _ in range(3):
-        np.testing.assert_allclose(staged(x).numpy(), np.exp([0.0, 1.0]), rtol=1e-6)
-    assert len(runs) == 1
-    staged(tf.constant([0.0, 1.0, 2.0]))
-    assert len(runs) == 2
-
-
-def test_tensorflow_vjp_forward_under_a_tape_stays_differentiable():
-    """A tape watching the inputs cannot differentiate XLA's loops, so the staged forward of
-    uniattn.vjp runs op by op there: its output keeps exact gradients."""
-    tf = pytest.importorskip("tensorflow", reason="needs TensorFlow")
-    q, k, v = arrays(np.float64)
-    tq, tk, tv = (tf.constant(x) for x in (q, k, v))
-    with tf.GradientTape() as tape:
-        tape.watch(tq)
-        out, _ = uniattn.vjp(tq, tk, tv, causal=True, key_chunk_size=5)
-        loss = tf.reduce_sum(out)
-    ref = reference.vjp(q, k, v, np.ones(out.shape), causal=True)
-    np.testing.assert_allclose(tape.gradient(loss, tq).numpy(), ref.dq, rtol=1e-10, atol=1e-12)
