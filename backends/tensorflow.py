@@ -167,7 +167,8 @@ class TensorFlowBackend(Backend):
     name = "tensorflow"
     # Decoding: key chunk from `bench masks`-style sweeps at a 32k cache (README, tuning).
     decode_key_chunk = 16384
-    compiles_per_shape = True
+    # From `python -m uniattn.bench tune` on the project's 2-core CPU (README, tuning).
+    default_chunks = (512, 1024)  # fewer trips of the eager loop
 
     def is_array_type(self, tp):
         return issubclass(tp, (tf.Tensor, tf.Variable))
