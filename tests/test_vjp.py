@@ -123,3 +123,49 @@ def test_second_order_tensorflow_autodiff_is_unsupported():
     """tf.recompute_grad cannot be differentiated twice (a documented limit)."""
     with pytest.raises(NotImplementedError, match="recompute_grad"):
         _second_order_tensorflow("autodiff")
+
+
+def test_tensorflow_stages_eager_calls_in_a_graph_once_per_shape():
+    """Eager TF calls run a traced graph: the algorithm's Python runs once per input shape,
+    not per call; a tape watching the inputs gets the op-by-op run it can differentiate."""
+    tf = pytest.importorskip("tensorflow", reason="needs TensorFlow")
+    from uniattn.backends import tensorflow as adapter
+
+    runs = []
+
+    def fn(x):
+        runs.append(tf.executing_eagerly())
+        return tf.exp(x)
+
+    staged = adapter.backend.stage(fn)
+    x = tf.constant([0.0, 1.0])
+    for _ in range(3):
+        np.testing.assert_allclose(staged(x).numpy(), np.exp([0.0, 1.0]), rtol=1e-6)
+    assert runs == [False]  # one trace
+    staged(tf.constant([0.0, 1.0, 2.0]))
+    assert runs == [False, False]  # a new shape traces again
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = staged(x)
+    assert runs[-1] is True  # op by op
+    np.testing.assert_allclose(tape.gradient(y, x).numpy(), np.exp([0.0, 1.0]), rtol=1e-6)
+
+
+def test_tensorflow_autodiff_with_a_callable_bias_under_a_tape():
+    """backward='autodiff' under a tape with a bias function capturing a tensor: the case
+    TF's gradient of a traced tf.recompute_grad loop rejects, so it must run op by op."""
+    tf = pytest.importorskip("tensorflow", reason="needs TensorFlow")
+    q, k, v = arrays(np.float64)
+    tq, tk, tv = (tf.constant(x) for x in (q, k, v))
+    slope = tf.constant(0.25, tf.float64)
+
+    def bias(q_pos, k_pos):
+        return -slope * tf.cast(tf.abs(q_pos - k_pos), tf.float64)
+
+    with tf.GradientTape() as tape:
+        tape.watch(tq)
+        out = uniattn.attention(tq, tk, tv, bias=bias, backward="autodiff", key_chunk_size=5)
+        loss = tf.reduce_sum(out)
+    dense = -0.25 * np.abs(np.arange(10)[:, None] - np.arange(12)[None, :])
+    ref = reference.vjp(q, k, v, np.ones(out.shape), bias=dense)
+    np.testing.assert_allclose(tape.gradient(loss, tq).numpy(), ref.dq, rtol=1e-10, atol=1e-12)
