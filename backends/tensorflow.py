@@ -8,6 +8,7 @@ ops (``tests/test_backends.py`` checks that it covers every ``xp.*`` the algorit
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -269,15 +270,22 @@ class TensorFlowBackend(Backend):
         return _rebuild(init, leaves)
 
     def add_at(self, x, start, update, axis):
-        # XLA needs static paddings and slice sizes, so no tf.pad / tf.slice at a traced
-        # start: gather the update onto x's positions along axis and add it where it lands.
+        # A scatter of the update's rows, which takes a traced start under XLA too (tf.pad
+        # and tf.slice do not). It still copies x where TF cannot reuse x's buffer, as in
+        # its loops: one pass over x per chunk, where the gather-and-mask it replaces made
+        # several (README, scale). x is viewed as [lead, length, trail], a free reshape.
         axis %= x.ndim
-        size = update.shape[axis]
-        offset = tf.range(x.shape[axis]) - start
-        inside = tf.logical_and(offset >= 0, offset < size)
-        spread = tf.gather(update, tf.clip_by_value(offset, 0, size - 1), axis=axis)
-        inside = tf.reshape(inside, [-1 if i == axis else 1 for i in range(x.ndim)])
-        return x + tf.where(inside, spread, tf.zeros((), x.dtype))
+        lead = math.prod(x.shape[:axis])
+        size, trail = update.shape[axis], math.prod(x.shape[axis + 1 :])
+        update = tf.broadcast_to(update, [*x.shape[:axis], size, *x.shape[axis + 1 :]])
+        rows = tf.range(size) + tf.cast(start, tf.int32)
+        index = tf.stack(tf.meshgrid(tf.range(lead), rows, indexing="ij"), axis=-1)
+        out = tf.tensor_scatter_nd_add(
+            tf.reshape(x, [lead, x.shape[axis], trail]),
+            index,
+            tf.reshape(update, [lead, size, trail]),
+        )
+        return tf.reshape(out, x.shape)
 
     def remat(self, fn):
         # tf.recompute_grad differentiates its float tensor arguments only; everything

@@ -87,8 +87,14 @@ def test_fori_loop_differentiates_with_array_bounds(backend, compiled):
     np.testing.assert_array_equal(backend.to_numpy(g), [0, 12, 8, 6, 0, 0])
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_add_at(backend, compiled):
+def _run(backend, how, fn):
+    """``fn`` as called eagerly, through ``Backend.stage`` (uniattn's own staging) or
+    ``Backend.jit`` (a caller's compiler)."""
+    return {"eager": fn, "staged": backend.stage(fn), "compiled": backend.jit(fn)}[how]
+
+
+@pytest.mark.parametrize("how", ["eager", "staged", "compiled"])
+def test_add_at(backend, how):
     reshape = backend.namespace().reshape
 
     def f(start):
@@ -97,10 +103,10 @@ def test_add_at(backend, compiled):
 
     expected = np.arange(12.0).reshape(2, 6)
     expected[:, 3:5] += 100
-    static = (backend.jit(lambda: f(3)) if compiled else lambda: f(3))()
+    static = _run(backend, how, lambda: f(3))()
     np.testing.assert_array_equal(backend.to_numpy(static), expected)
     start = backend.asarray(np.array(3, np.int32))
-    dynamic = (backend.jit(f) if compiled else f)(start)
+    dynamic = _run(backend, how, f)(start)
     np.testing.assert_array_equal(backend.to_numpy(dynamic), expected)
 
 
@@ -152,8 +158,8 @@ def test_custom_vjp_forward(backend):
     np.testing.assert_array_equal(backend.to_numpy(f(_arange(backend, 2))), [1, 2])
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_add_at_a_loop_index(backend, compiled):
+@pytest.mark.parametrize("how", ["eager", "staged", "compiled"])
+def test_add_at_a_loop_index(backend, how):
     """``add_at`` at a start computed by a loop (no compiler can treat it as a constant)."""
     xp = backend.namespace()
     bounds = backend.asarray(np.array([1, 4], np.int32))
@@ -166,7 +172,7 @@ def test_add_at_a_loop_index(backend, compiled):
 
         return backend.fori_loop(bounds[0], bounds[1], body, (xp.zeros((6,), dtype=ones.dtype),), 3)
 
-    out = (backend.jit(f) if compiled else f)(bounds)[0]
+    out = _run(backend, how, f)(bounds)[0]
     np.testing.assert_array_equal(backend.to_numpy(out), [0, 1, 2, 2, 1, 0])
 
 
