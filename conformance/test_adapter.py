@@ -47,10 +47,17 @@ def _fori_sum(backend, xs, lower, upper, max_trips):
     return total
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def _run(backend, how, fn):
+    """``fn`` as called eagerly, through ``Backend.stage`` (uniattn's own staging) or
+    ``Backend.jit`` (a caller's compiler)."""
+    wrap = {"eager": lambda f: f, "staged": backend.stage, "compiled": backend.jit}[how]
+    return wrap(fn)
+
+
+@pytest.mark.parametrize("how", ["eager", "staged", "compiled"])
 @pytest.mark.parametrize(("lower", "upper"), [(1, 4), (2, 2), (3, 1), (0, 6)])
-def test_fori_loop_bounds(backend, compiled, lower, upper):
-    """Static and array bounds, empty and reversed ranges, eagerly and compiled."""
+def test_fori_loop_bounds(backend, how, lower, upper):
+    """Static and array bounds, empty and reversed ranges, eagerly, staged and compiled."""
     xs = _arange(backend, 6)
     ints = backend.asarray(np.array([lower, upper], np.int32))
     expected = 2 * sum(range(lower, upper))
@@ -61,14 +68,13 @@ def test_fori_loop_bounds(backend, compiled, lower, upper):
     def dynamic(x, bounds):
         return _fori_sum(backend, x, bounds[0], bounds[1], max_trips=6)
 
-    wrap = backend.jit if compiled else (lambda f: f)
-    assert float(backend.to_numpy(wrap(static)(xs))) == expected
-    assert float(backend.to_numpy(wrap(dynamic)(xs, ints))) == expected
+    assert float(backend.to_numpy(_run(backend, how, static)(xs))) == expected
+    assert float(backend.to_numpy(_run(backend, how, dynamic)(xs, ints))) == expected
 
 
 @pytest.mark.needs_autodiff
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_fori_loop_differentiates_with_array_bounds(backend, compiled):
+@pytest.mark.parametrize("how", ["eager", "staged", "compiled"])
+def test_fori_loop_differentiates_with_array_bounds(backend, how):
     xs = _arange(backend, 6) + 1
     bounds = backend.asarray(np.array([1, 4], np.int32))
 
@@ -82,15 +88,9 @@ def test_fori_loop_differentiates_with_array_bounds(backend, compiled):
         out, vjp_fn = backend.vjp(loss, x)
         return out, vjp_fn(x[0] * 0 + 1)[0]
 
-    out, g = (backend.jit(grads) if compiled else grads)(xs)
+    out, g = _run(backend, how, grads)(xs)
     assert float(backend.to_numpy(out)) == 2 * 3 * 4
     np.testing.assert_array_equal(backend.to_numpy(g), [0, 12, 8, 6, 0, 0])
-
-
-def _run(backend, how, fn):
-    """``fn`` as called eagerly, through ``Backend.stage`` (uniattn's own staging) or
-    ``Backend.jit`` (a caller's compiler)."""
-    return {"eager": fn, "staged": backend.stage(fn), "compiled": backend.jit(fn)}[how]
 
 
 @pytest.mark.parametrize("how", ["eager", "staged", "compiled"])
