@@ -1,5 +1,5 @@
 """The adapter contract: scan, fori_loop, chunks, add_at, cond, remat, stop_gradient and
-custom_vjp behave alike everywhere, eagerly and compiled."""
+custom_vjp behave alike everywhere, eagerly, staged (`Backend.stage`) and compiled."""
 
 from __future__ import annotations
 
@@ -176,8 +176,8 @@ def test_add_at_a_loop_index(backend, how):
     np.testing.assert_array_equal(backend.to_numpy(out), [0, 1, 2, 2, 1, 0])
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_cond_takes_fast_only_when_the_predicate_holds(backend, compiled):
+@pytest.mark.parametrize("how", ["eager", "staged", "compiled"])
+def test_cond_takes_fast_only_when_the_predicate_holds(backend, how):
     """``cond(pred, fast, safe, operands)``: ``safe`` whenever pred is False; where pred
     holds, ``fast`` (torch.compile may take ``safe``, which must then agree); gradients
     flow through the branch taken."""
@@ -192,7 +192,7 @@ def test_cond_takes_fast_only_when_the_predicate_holds(backend, compiled):
     def g(x):
         return backend.cond(xp.sum(x) > 100.0, lambda a: (a * 0.0,), lambda a: (a * 2.0,), (x,))
 
-    f, g = (backend.jit(h) if compiled else h for h in (f, g))
+    f, g = (_run(backend, how, h) for h in (f, g))
     np.testing.assert_array_equal(backend.to_numpy(g(xs)[0]), [0, 2, 4, 6])  # pred False
     np.testing.assert_array_equal(backend.to_numpy(f(xs * 50.0)[0]), [0, 150, 300, 450])
     if backend.has_autodiff:
@@ -217,8 +217,8 @@ def test_exp_shifted(backend):
         np.testing.assert_allclose(backend.to_numpy(grad), expected, rtol=rtol, atol=0)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_chunks_indexed_in_a_loop_and_through_remat(backend, compiled):
+@pytest.mark.parametrize("how", ["eager", "staged", "compiled"])
+def test_chunks_indexed_in_a_loop_and_through_remat(backend, how):
     """``chunks(stacked)[i]`` is ``stacked[i]`` at a loop's index, also as an argument of
     a rematerialised function inside a scan (as the forward passes its key chunks), and
     gradients reach ``stacked`` through it."""
@@ -237,10 +237,10 @@ def test_chunks_indexed_in_a_loop_and_through_remat(backend, compiled):
         chunks = backend.chunks(stacked * 1.0)
         return backend.scan(lambda c, i, x: (c, block(chunks, x[0])), (), (scales,), 2)[1]
 
-    g = backend.jit(f) if compiled else f
+    g = _run(backend, how, f)
     total = np.arange(24.0).reshape(3, 1, 2, 4).sum(axis=0)
     np.testing.assert_array_equal(backend.to_numpy(g(stacked)), [total, 2 * total])
-    if backend.has_autodiff and not compiled:  # compiled gradients: test_compiled.py
+    if backend.has_autodiff and how == "eager":  # of f itself; compiled: test_compiled.py
         _, vjp_fn = backend.vjp(f, stacked)
         grad = vjp_fn(backend.asarray(np.ones((2, 1, 2, 4)), "float64"))[0]
         np.testing.assert_array_equal(backend.to_numpy(grad), np.full((3, 1, 2, 4), 3.0))
