@@ -121,20 +121,27 @@ class _Context:
         """``x`` in the accumulation dtype (float32, or float64 for float64 inputs)."""
         return None if x is None else self.xp.astype(x, self.acc_dtype, copy=False)
 
-    def isolated(self, q, k, v):
-        """``q``, ``k``, ``v`` with padded keys zeroed and non-finite entries isolated
-        (forward).
+    def isolated_keys(self, k, v):
+        """``k``, ``v`` with padded keys zeroed and non-finite keys isolated (forward).
 
         Padding past ``key_lengths`` may hold anything (NaN, inf), and a masked key's zero
         weight times NaN would still be NaN, so padded keys and values become 0. A key or
         value with a NaN or inf entry must turn NaN exactly the rows that attend it
         (masking replaces its scores with -inf everywhere else): such a key becomes all
         NaN and its value 0, so that ``p @ v`` of the rows that do not attend it stays
-        finite. A query row with a non-finite entry becomes all NaN (its output only).
-        Finite inputs, found by three sums, skip the isolating passes.
+        finite. Query rows get the same treatment per block (:meth:`isolated_rows`).
+        Finite inputs, found by two sums, skip the isolating passes.
         """
-        k, v, q = self._unpadded_then(_isolate_non_finite, k, v, q)
-        return q, k, v
+        return self._unpadded_then(_isolate_non_finite_keys, k, v)
+
+    def isolated_rows(self, q_c):
+        """A block of query rows, each row with a non-finite entry all NaN (see
+        :meth:`isolated_keys`); a finite block, found by a sum, skips the pass. Per block,
+        not once for all of q: JAX takes the safe branch, which it fuses per block but
+        would materialise as one more q-sized buffer outside the loop."""
+        xp = self.xp
+        safe = functools.partial(_isolate_rows, xp)
+        return self.backend.cond(xp.isfinite(xp.sum(q_c)), lambda x: x, safe, (q_c,))
 
     def zeroed(self, q, k, v):
         """``q``, ``k``, ``v`` with padded keys and every non-finite entry 0 (backward)."""
@@ -328,8 +335,8 @@ def forward(
         zero = _connected_zero(xp, c.acc_dtype, q, k, v, bias)
         out = c.zeros((*q.shape[:-1], d_v)) + zero
         return out, xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device) + zero
+    k, v = c.isolated_keys(c.lift(k), c.lift(v))
     q, bias, mask = c.lift(c.fold(q)), c.lift(c.fold(bias)), c.fold(mask)
-    q, k, v = c.isolated(q, c.lift(k), c.lift(v))
 
     def update(m, l, acc, q_c, kt_c, v_c, bias_c, mask_c, r_index, k_index, *, masked):
         """Fold one key chunk into the running (max, sum, accumulator) of a row block;
@@ -347,7 +354,7 @@ def forward(
     def row_block(q_c, bias_c, mask_c, r_index, kt_stack, v_stack):
         """Output and logsumexp of one block of rows against every key it can see."""
         # Scaled per block: a scaled copy of all of q would be one more n·d buffer.
-        q_c = q_c * options.scale
+        q_c = c.isolated_rows(q_c) * options.scale
         by_key = (_split(xp, bias_c, -1, c.keys), _split(xp, mask_c, -1, c.keys))
         rows = q_c.shape[:-1]
         # Connected to the inputs even if no key chunk is visible (no loop trip runs).
@@ -404,7 +411,7 @@ def backward(
     if c.empty:
         grads = (q, k, v, bias)
         return tuple(None if g is None else xp.zeros_like(g) for g in grads)
-    # Rows whose output is NaN (they attend a non-finite input, see _Context.isolated)
+    # Rows whose output is NaN (they attend a non-finite input, see _Context.isolated_keys)
     # are constants here: they contribute nothing, so every other gradient stays exact.
     affected = xp.logical_not(xp.logical_or(xp.isfinite(lse), lse == NEG_INF))
     q, k, v = c.zeroed(c.lift(c.fold(q)), c.lift(k), c.lift(v))
@@ -588,11 +595,15 @@ def _finite_rows(xp, x):
     return xp.all(xp.isfinite(x), axis=-1, keepdims=True)
 
 
-def _isolate_non_finite(xp, k, v, q):
-    """NaN keys where k or v has a non-finite entry, such values 0, and NaN query rows
-    where q has one (see :meth:`_Context.isolated`)."""
+def _isolate_rows(xp, q):
+    """Query rows with a non-finite entry, all NaN (see :meth:`_Context.isolated_keys`)."""
+    return xp.where(_finite_rows(xp, q), q, NAN)
+
+
+def _isolate_non_finite_keys(xp, k, v):
+    """NaN keys where k or v has a non-finite entry, and such values 0."""
     key_ok = xp.logical_and(_finite_rows(xp, k), _finite_rows(xp, v))
-    return xp.where(key_ok, k, NAN), xp.where(key_ok, v, 0.0), xp.where(_finite_rows(xp, q), q, NAN)
+    return xp.where(key_ok, k, NAN), xp.where(key_ok, v, 0.0)
 
 
 def _zero_non_finite(xp, *arrays):
