@@ -189,6 +189,26 @@ class Backend:
         """
         raise NotImplementedError
 
+    def blocks(self, zeros: Any) -> Any:
+        """An accumulator of ``zeros.shape[0]`` blocks, all 0, for :meth:`add_block`.
+
+        ``zeros`` stacks them on axis 0. The default is that array itself; an adapter whose
+        loops copy a carried array may hold the blocks apart (each update then touches one
+        block, not all of them).
+        """
+        return zeros
+
+    def add_block(self, blocks: Any, index: Any, update: Any) -> Any:
+        """``blocks`` with ``update`` added to block ``index`` (an int or int scalar array).
+
+        Functional semantics, but ``blocks`` may be updated in place (as :meth:`add_at`).
+        """
+        return self.add_at(blocks, index, update[None, ...], 0)
+
+    def stacked(self, blocks: Any) -> Any:
+        """The blocks of an accumulator, stacked on axis 0 in one array."""
+        return blocks
+
     def remat(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` whose intermediate values are recomputed in the backward pass.
 

@@ -272,8 +272,8 @@ class TensorFlowBackend(Backend):
     def add_at(self, x, start, update, axis):
         # A scatter of the update's rows, which takes a traced start under XLA too (tf.pad
         # and tf.slice do not). It still copies x where TF cannot reuse x's buffer, as in
-        # its loops: one pass over x per chunk, where the gather-and-mask it replaces made
-        # several (README, scale). x is viewed as [lead, length, trail], a free reshape.
+        # its loops, which is why the backward accumulates through `blocks` below (README,
+        # scale). x is viewed as [lead, length, trail], a free reshape.
         axis %= x.ndim
         lead = math.prod(x.shape[:axis])
         size, trail = update.shape[axis], math.prod(x.shape[axis + 1 :])
@@ -286,6 +286,25 @@ class TensorFlowBackend(Backend):
             tf.reshape(update, [lead, size, trail]),
         )
         return tf.reshape(out, x.shape)
+
+    def blocks(self, zeros):
+        # Held apart: TF's loops copy a carried tensor that they update (add_at copies
+        # all of it per trip: at n 131072, a 32 MiB dQ per chunk pair). A TensorArray
+        # (a TensorList in a graph) swaps one block per update; eagerly, a list does.
+        if tf.executing_eagerly():
+            return tf.unstack(zeros, num=zeros.shape[0])
+        array = tf.TensorArray(zeros.dtype, size=zeros.shape[0], element_shape=zeros.shape[1:])
+        return array.unstack(zeros)
+
+    def add_block(self, blocks, index, update):
+        if isinstance(blocks, list):
+            blocks = list(blocks)
+            blocks[int(index)] = blocks[int(index)] + update
+            return blocks
+        return blocks.write(index, blocks.read(index) + update)
+
+    def stacked(self, blocks):
+        return tf.stack(blocks) if isinstance(blocks, list) else blocks.stack()
 
     def remat(self, fn):
         # tf.recompute_grad differentiates its float tensor arguments only; everything

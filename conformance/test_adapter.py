@@ -1,5 +1,5 @@
-"""The adapter contract: scan, fori_loop, chunks, add_at, cond, remat, stop_gradient and
-custom_vjp behave alike everywhere, eagerly, staged (`Backend.stage`) and compiled."""
+"""The adapter contract: scan, fori_loop, chunks, add_at, the block accumulator, cond, remat,
+stop_gradient and custom_vjp behave alike everywhere, eagerly, staged (`Backend.stage`) and compiled."""
 
 from __future__ import annotations
 
@@ -174,6 +174,37 @@ def test_add_at_a_loop_index(backend, how):
 
     out = _run(backend, how, f)(bounds)[0]
     np.testing.assert_array_equal(backend.to_numpy(out), [0, 1, 2, 2, 1, 0])
+
+
+@pytest.mark.parametrize("how", ["eager", "staged", "compiled"])
+def test_block_accumulator_in_nested_loops(backend, how):
+    """``blocks``/``add_block``/``stacked`` carried through a scan and, inside it, a
+    fori_loop with array bounds: block ``i`` gets ``(j + 1) * (i + 1)`` from every outer
+    step ``j``, for the inner indices ``i`` in ``bounds`` only; the rest stay 0."""
+    xp = backend.namespace()
+    bounds = backend.asarray(np.array([1, 3], np.int32))
+
+    def f(bounds, steps):
+        ones = xp.reshape(_arange(backend, 6) * 0 + 1, (2, 3))
+        weights = _arange(backend, 4) + 1  # block i's weight, i + 1
+
+        def outer(carry, j, xs):
+            (step,) = xs
+
+            def inner(i, carry):
+                (acc,) = carry
+                return (backend.add_block(acc, i, ones * step * weights[i]),)
+
+            return backend.fori_loop(bounds[0], bounds[1], inner, carry, 2), None
+
+        init = (backend.blocks(xp.zeros((4, 2, 3), dtype=ones.dtype)),)
+        (acc,), _ = backend.scan(outer, init, (steps,), 3)
+        return backend.stacked(acc)
+
+    out = _run(backend, how, f)(bounds, _arange(backend, 3) + 1)
+    expected = np.zeros((4, 2, 3))
+    expected[1], expected[2] = 6 * 2, 6 * 3  # (1 + 2 + 3) * (i + 1)
+    np.testing.assert_array_equal(backend.to_numpy(out), expected)
 
 
 @pytest.mark.parametrize("how", ["eager", "staged", "compiled"])

@@ -18,7 +18,8 @@ per-row logsumexp ``m + log(l)``.
 logsumexp alone, recompute each chunk's probabilities ``P = exp(S - lse)``; with
 ``Δ = rowsum(dO ∘ O)``, ``dV += Pᵀ dO``, ``dS = P ∘ (dO Vᵀ - Δ)``, ``dQ += dS K``,
 ``dK += dSᵀ Q`` and ``d_bias = dS``. The outer loop runs over key chunks (dK, dV in the
-inner carry, dQ added to its rows of a carried array with the adapter's ``add_at``).
+inner carry, dQ carried as one block per row block, added to with the adapter's
+``add_block``).
 
 **Chunks**: a length its chunk size does not divide gets a last chunk that ends at the
 length and overlaps its predecessor; the overlapped positions are masked out of it, so
@@ -451,6 +452,14 @@ def backward(
     bias_by_keys = bias is not None and bias.shape[-1] == c.kv_len
     bias_by_rows = bias is not None and bias.shape[-2] == c.rows.length
 
+    def by_row_blocks(shape):
+        """Zeros of ``shape`` held as one block per row block (``Backend.blocks``)."""
+        return backend.blocks(c.zeros((c.rows.count, *shape[:-2], c.rows.size, shape[-1])))
+
+    def joined_rows(blocks):
+        """The array that ``by_row_blocks`` holds (each overlap counted once: it is 0)."""
+        return _join(xp, backend.stacked(blocks), -2, c.rows)
+
     def key_block(k_c, kt_c, vt_c, bias_k, mask_k, j, dq, db):
         """dK, dV of key chunk ``j``; its contributions added to dQ and d_bias."""
         extras = (_split(xp, bias_k, -2, c.rows), _split(xp, mask_k, -2, c.rows))
@@ -460,20 +469,22 @@ def backward(
                 dkt, dvt, dq, db = carry
                 chunks = [s.at(r) for s in (*by_rows, *extras)]
                 g_q, g_kt, g_vt, g_b = chunk_grads(*chunks, r, k_c, kt_c, vt_c, j, masked)
-                start = c.rows.start(r)
-                dq = backend.add_at(dq, start, g_q, -2)
+                dq = backend.add_block(dq, r, g_q)
                 if db is not None:
-                    db = backend.add_at(db, start, g_b, -2) if bias_by_rows else db + g_b
+                    db = backend.add_block(db, r, g_b) if bias_by_rows else db + g_b
                 return dkt + g_kt, dvt + g_vt, dq, db
 
             return add_in
 
         if bias_by_keys:  # this chunk's columns of d_bias
-            db = c.zeros((*bias_k.shape[:-1], kt_c.shape[-1]))
+            shape = (*bias_k.shape[:-1], kt_c.shape[-1])
+            db = by_row_blocks(shape) if bias_by_rows else c.zeros(shape)
         carry = (c.zeros(kt_c.shape), c.zeros(vt_c.shape), dq, db)
         for band in c.row_ranges(j):
             carry = backend.fori_loop(band.lower, band.upper, body(band.masked), carry, band.trips)
         dkt, dvt, dq, db = carry
+        if bias_by_keys and bias_by_rows:
+            db = joined_rows(db)
         return t(dkt), t(dvt), dq, db
 
     def step(carry, j, chunks):
@@ -483,11 +494,15 @@ def backward(
 
     splits = [_split(xp, x, -2, c.keys) for x in (k,)]
     splits += [_split(xp, x, -1, c.keys) for x in (t(k), t(v), bias, mask)]
-    init = (c.zeros(q.shape), None if bias is None or bias_by_keys else c.zeros(bias.shape))
-    (dq, db), (dk, dv, db_by_keys) = c.loop(step, init, splits, c.keys)
-    dk, dv = _join(xp, dk, -2, c.keys), _join(xp, dv, -2, c.keys)
+    db = None
+    if bias is not None and not bias_by_keys:
+        db = by_row_blocks(bias.shape) if bias_by_rows else c.zeros(bias.shape)
+    (dq, db), (dk, dv, db_by_keys) = c.loop(step, (by_row_blocks(q.shape), db), splits, c.keys)
+    dq, dk, dv = joined_rows(dq), _join(xp, dk, -2, c.keys), _join(xp, dv, -2, c.keys)
     if bias_by_keys:
         db = _join(xp, db_by_keys, -1, c.keys)
+    elif bias_by_rows:
+        db = joined_rows(db)
     grads = (c.fold(dq) * options.scale, dk, dv, c.fold(db))
     return tuple(None if g is None else xp.astype(g, d) for g, d in zip(grads, dtypes, strict=True))
 
