@@ -1,5 +1,6 @@
 """The adapter contract: scan, fori_loop, chunks, add_at, the block accumulator, cond, remat,
-stop_gradient and custom_vjp behave alike everywhere, eagerly, staged (`Backend.stage`) and compiled."""
+stop_gradient and custom_vjp behave alike everywhere, eagerly, staged (`Backend.stage`) and
+compiled."""
 
 from __future__ import annotations
 
