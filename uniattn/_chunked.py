@@ -140,9 +140,8 @@ class _Context:
         :meth:`isolated_keys`); a finite block, found by a sum, skips the pass. Per block,
         not once for all of q: JAX takes the safe branch, which it fuses per block but
         would materialise as one more q-sized buffer outside the loop."""
-        xp = self.xp
-        safe = functools.partial(_isolate_rows, xp)
-        return self.backend.cond(xp.isfinite(xp.sum(q_c)), lambda x: x, safe, (q_c,))
+        (q_c,) = self._unless_finite(lambda xp, q: (_isolate_rows(xp, q),), (q_c,))
+        return q_c
 
     def zeroed(self, q, k, v):
         """``q``, ``k``, ``v`` with padded keys and every non-finite entry 0 (backward)."""
@@ -154,8 +153,13 @@ class _Context:
         if self.k_lengths is not None:
             inside = xp.reshape(self._arange(0, self.kv_len), (-1, 1)) < self.k_lengths
             k, v = xp.where(inside, k, 0.0), xp.where(inside, v, 0.0)
-        arrays = (k, v, *others)
-        # An overflowing sum of finite values only costs the isolating passes.
+        return self._unless_finite(safe, (k, v, *others))
+
+    def _unless_finite(self, safe, arrays: tuple) -> tuple:
+        """``arrays`` if their entries are all finite, else ``safe(xp, *arrays)``; one sum
+        per array decides (``Backend.cond``)."""
+        xp = self.xp
+        # An overflowing sum of finite values only costs the safe passes.
         finite = xp.isfinite(sum(xp.sum(x) for x in arrays))
         return self.backend.cond(finite, lambda *x: x, functools.partial(safe, xp), arrays)
 
