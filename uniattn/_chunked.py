@@ -464,6 +464,13 @@ def backward(
         """The array that ``by_row_blocks`` holds (each overlap counted once: it is 0)."""
         return _join(xp, backend.stacked(blocks), -2, c.rows)
 
+    # d_bias accumulates by row blocks where the bias has rows; else it is one array.
+    def d_bias_zeros(shape):
+        return by_row_blocks(shape) if bias_by_rows else c.zeros(shape)
+
+    def d_bias_value(db):
+        return joined_rows(db) if bias_by_rows else db
+
     def key_block(k_c, kt_c, vt_c, bias_k, mask_k, j, dq, db):
         """dK, dV of key chunk ``j``; its contributions added to dQ and d_bias."""
         extras = (_split(xp, bias_k, -2, c.rows), _split(xp, mask_k, -2, c.rows))
@@ -481,14 +488,13 @@ def backward(
             return add_in
 
         if bias_by_keys:  # this chunk's columns of d_bias
-            shape = (*bias_k.shape[:-1], kt_c.shape[-1])
-            db = by_row_blocks(shape) if bias_by_rows else c.zeros(shape)
+            db = d_bias_zeros((*bias_k.shape[:-1], kt_c.shape[-1]))
         carry = (c.zeros(kt_c.shape), c.zeros(vt_c.shape), dq, db)
         for band in c.row_ranges(j):
             carry = backend.fori_loop(band.lower, band.upper, body(band.masked), carry, band.trips)
         dkt, dvt, dq, db = carry
-        if bias_by_keys and bias_by_rows:
-            db = joined_rows(db)
+        if bias_by_keys:
+            db = d_bias_value(db)
         return t(dkt), t(dvt), dq, db
 
     def step(carry, j, chunks):
@@ -498,15 +504,13 @@ def backward(
 
     splits = [_split(xp, x, -2, c.keys) for x in (k,)]
     splits += [_split(xp, x, -1, c.keys) for x in (t(k), t(v), bias, mask)]
-    db = None
-    if bias is not None and not bias_by_keys:
-        db = by_row_blocks(bias.shape) if bias_by_rows else c.zeros(bias.shape)
+    db = None if bias is None or bias_by_keys else d_bias_zeros(bias.shape)
     (dq, db), (dk, dv, db_by_keys) = c.loop(step, (by_row_blocks(q.shape), db), splits, c.keys)
     dq, dk, dv = joined_rows(dq), _join(xp, dk, -2, c.keys), _join(xp, dv, -2, c.keys)
     if bias_by_keys:
         db = _join(xp, db_by_keys, -1, c.keys)
-    elif bias_by_rows:
-        db = joined_rows(db)
+    elif bias is not None:
+        db = d_bias_value(db)
     grads = (c.fold(dq) * options.scale, dk, dv, c.fold(db))
     return tuple(None if g is None else xp.astype(g, d) for g, d in zip(grads, dtypes, strict=True))
 
