@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import types
 
 import array_api_compat.torch as compat
@@ -47,6 +48,30 @@ def _unflatten(structure, leaves):
         return kind(build(c) for c in children)
 
     return build(structure)
+
+
+class _CustomVJP(torch.autograd.Function):
+    """``Backend.custom_vjp``: ``apply(fwd, bwd, *args)``."""
+
+    @staticmethod
+    def forward(ctx, fwd, bwd, *args):
+        out, residuals = fwd(*args)
+        # Tensors go through save_for_backward: keeping the outputs on ctx itself would
+        # make a reference cycle (output -> grad_fn -> ctx -> output).
+        leaves, ctx.structure = _flatten(residuals)
+        ctx.bwd = bwd
+        ctx.is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
+        ctx.others = [None if t else x for x, t in zip(leaves, ctx.is_tensor, strict=True)]
+        ctx.save_for_backward(*(x for x, t in zip(leaves, ctx.is_tensor, strict=True) if t))
+        return out
+
+    @staticmethod
+    def backward(ctx, *d_out):
+        tensors = iter(ctx.saved_tensors)
+        leaves = [next(tensors) if t else x for x, t in zip(ctx.others, ctx.is_tensor, strict=True)]
+        residuals = _unflatten(ctx.structure, leaves)
+        grads = ctx.bwd(residuals, d_out[0] if len(d_out) == 1 else d_out)
+        return (None, None, *grads)
 
 
 class TorchBackend(Backend):
@@ -107,29 +132,9 @@ class TorchBackend(Backend):
         return fast(*operands) if bool(pred) else safe(*operands)
 
     def custom_vjp(self, fwd, bwd):
-        class Function(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *args):
-                out, residuals = fwd(*args)
-                # Tensors go through save_for_backward: keeping the outputs on ctx itself
-                # would make a reference cycle (output -> grad_fn -> ctx -> output).
-                leaves, ctx.structure = _flatten(residuals)
-                ctx.is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
-                ctx.others = [None if t else x for x, t in zip(leaves, ctx.is_tensor, strict=True)]
-                ctx.save_for_backward(*(x for x, t in zip(leaves, ctx.is_tensor, strict=True) if t))
-                return out
-
-            @staticmethod
-            def backward(ctx, *d_out):
-                tensors = iter(ctx.saved_tensors)
-                leaves = [
-                    next(tensors) if t else x
-                    for x, t in zip(ctx.others, ctx.is_tensor, strict=True)
-                ]
-                residuals = _unflatten(ctx.structure, leaves)
-                return tuple(bwd(residuals, d_out[0] if len(d_out) == 1 else d_out))
-
-        return Function.apply
+        # One Function class for every call, with fwd and bwd passed to it: torch.compile
+        # cannot trace a class defined while it traces (a graph break).
+        return functools.partial(_CustomVJP.apply, fwd, bwd)
 
     def asarray(self, a, dtype=None):
         t = torch.from_numpy(np.array(a, copy=True))
