@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,16 @@ def load(name: str) -> Backend:
     """Import and return the adapter called ``name`` (this imports its framework)."""
     if name not in REGISTRY:
         raise ValueError(f"backend must be one of {sorted(REGISTRY)}; got {name!r}")
+    # An adapter already imported is looked up, not imported again: torch.compile traces
+    # a dict lookup but not importlib, which would break its graph.
+    if loaded(name):
+        return sys.modules[f"{__name__}.{name}"].backend
     return importlib.import_module(f"{__name__}.{name}").backend
+
+
+def loaded(name: str) -> bool:
+    """Whether the adapter called ``name`` is imported."""
+    return f"{__name__}.{name}" in sys.modules
 
 
 def installed() -> list[str]:

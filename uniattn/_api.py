@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import _chunked
+from ._cache import memoized
 from ._dispatch import backend_of, type_name
 from .backends import FLOAT_DTYPES, Backend
 
@@ -137,7 +138,7 @@ def attention(
         if backward == "custom":
             out, lse = _staged_custom(call.backend, call.options, call.present)(*call.given)
         else:
-            out, lse = _staged_forward(call.backend, call.options, remat=True)(*call.arrays)
+            out, lse = _staged_forward(call.backend, call.options, True)(*call.arrays)
         return call.restore_result(out, lse)
 
 
@@ -201,7 +202,7 @@ def vjp(
 
         return backend.vjp(fn, *primals)
     with backend.device_scope(call.arrays[0]):
-        out, lse = _staged_forward(backend, call.options, remat=False)(*call.arrays)
+        out, lse = _staged_forward(backend, call.options, False)(*call.arrays)
         result = call.restore_result(out, lse)
 
     def vjp_fn(cotangent):
@@ -214,24 +215,24 @@ def vjp(
     return result, vjp_fn
 
 
-@functools.lru_cache(maxsize=256)
+@memoized(maxsize=256)
 def _staged_forward(backend: Backend, options: _chunked.Options, remat: bool):
     return backend.stage(functools.partial(_chunked.forward, backend, options=options, remat=remat))
 
 
-@functools.lru_cache(maxsize=256)
+@memoized(maxsize=256)
 def _staged_backward(backend: Backend, options: _chunked.Options):
     return backend.stage(functools.partial(_chunked.backward, backend, options=options))
 
 
-@functools.lru_cache(maxsize=256)
+@memoized(maxsize=256)
 def _staged_custom(backend: Backend, options: _chunked.Options, present: tuple[bool, ...]):
     # Not staged as a whole: the forward and backward it calls are, and are shared with
     # uniattn.vjp (an eager JAX caller compiles each once per shape).
     return _chunked.differentiable(
         backend,
         present,
-        _staged_forward(backend, options, remat=False),
+        _staged_forward(backend, options, False),
         _staged_backward(backend, options),
     )
 

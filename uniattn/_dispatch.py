@@ -7,22 +7,24 @@ cached per type: an array of framework X can only exist once X is imported.
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Any
 
 from . import backends
+from ._cache import memoized
 from .backends import Backend
 
 
-@functools.cache
+@memoized()
 def backend_of_type(tp: type) -> Backend | None:
     """The backend whose arrays are instances of ``tp``, or None."""
-    for name, module in backends.REGISTRY.items():
-        if module in sys.modules:
-            backend = backends.load(name)
-            if backend.is_array_type(tp):
-                return backend
+    present = [name for name, module in backends.REGISTRY.items() if module in sys.modules]
+    # Adapters already imported are asked first, so that a caller under torch.compile
+    # that imported its adapter never imports another one here (a graph break).
+    for name in [n for n in present if backends.loaded(n)] + present:
+        backend = backends.load(name)
+        if backend.is_array_type(tp):
+            return backend
     return None
 
 

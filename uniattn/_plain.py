@@ -6,13 +6,15 @@ from __future__ import annotations
 import functools
 import math
 
+from ._cache import memoized
+
 
 def plain_attention(backend, query, key, value):
     """Plain attention on ``[*batch, length, heads, dim]`` arrays with equal head counts."""
     return _staged(backend)(query, key, value)
 
 
-@functools.cache
+@memoized()
 def _staged(backend):
     return backend.stage(functools.partial(_plain, backend.namespace()))
 
