@@ -7,6 +7,7 @@ over the case table in each dtype the backend supports.
 
 from __future__ import annotations
 
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -57,6 +58,19 @@ def selected_backends(config) -> list[str]:
 
 def pytest_configure(config):
     config.uniattn_backends = selected_backends(config)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session):
+    """Exempt what the run built from the collections that follow it.
+
+    With the frameworks' compiled programs and caches alive, each full collection takes
+    about a second, and pytest's cleanup and the interpreter's exit run several. An xdist
+    worker still collecting 5 s after the run gets a SIGINT from execnet (CI showed the
+    KeyboardInterrupt it raised inside a gc callback). Nothing after the session needs
+    these objects freed.
+    """
+    gc.freeze()
 
 
 def pytest_report_header(config):
