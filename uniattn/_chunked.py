@@ -174,10 +174,11 @@ class _Context:
     def _arange(self, start, n):
         return self.xp.arange(n, dtype=self.xp.int32, device=self.device) + start
 
-    def scores(self, q_c, kt_c, bias_c, mask_c, r_index, k_index, masked, overlapping_rows=False):
+    def scores(self, q_c, k_c, bias_c, mask_c, r_index, k_index, masked, overlapping_rows=False):
         """Scaled scores of row block ``r_index`` and key chunk ``k_index``; -inf where
-        not attended. ``q_c`` is pre-scaled and the keys come transposed (``kt_c``:
-        ``[.., d_k, k_chunk]``), transposed once outside the loops.
+        not attended. ``q_c`` is pre-scaled; ``k_c`` is a chunk of keys as they are,
+        transposed in the product: transposing all of k once, outside the loops, costs
+        no time either, but TensorFlow and XLA materialise it, one more n·d buffer.
 
         ``masked=False`` leaves out the structural rules (window, causal, the last key
         chunk's overlap), for a chunk pair that loop bounds show to be whole; masks and
@@ -185,14 +186,14 @@ class _Context:
         block's overlap (the backward sums over rows, so it must not count them twice).
         """
         xp, o = self.xp, self.options
-        s = xp.matmul(q_c, kt_c)
+        s = xp.matmul(q_c, xp.matrix_transpose(k_c))
         if bias_c is not None:
             s = s + bias_c
         if not self.needs_positions(masked, overlapping_rows):
             return s if mask_c is None else xp.where(mask_c, s, NEG_INF)
         rows = xp.reshape(self._arange(self.rows.start(r_index), q_c.shape[-2]), (-1, 1))
         pos_q = rows * 0 if self.folded else rows  # folded rows are heads at position 0
-        pos_k = xp.reshape(self._arange(self.keys.start(k_index), kt_c.shape[-1]), (1, -1))
+        pos_k = xp.reshape(self._arange(self.keys.start(k_index), k_c.shape[-2]), (1, -1))
         # Callables see real query positions; folded rows get their heads' values.
         fn_q = pos_q[:1, ...] if self.folded else pos_q
         if o.bias_fn is not None:
@@ -343,10 +344,10 @@ def forward(
     k, v = c.isolated_keys(c.lift(k), c.lift(v))
     q, bias, mask = c.lift(c.fold(q)), c.lift(c.fold(bias)), c.fold(mask)
 
-    def update(m, l, acc, q_c, kt_c, v_c, bias_c, mask_c, r_index, k_index, *, masked):
+    def update(m, l, acc, q_c, k_c, v_c, bias_c, mask_c, r_index, k_index, *, masked):
         """Fold one key chunk into the running (max, sum, accumulator) of a row block;
         ``masked=False`` where the chunk is whole to every row (no structural mask)."""
-        s = c.scores(q_c, kt_c, bias_c, mask_c, r_index, k_index, masked)
+        s = c.scores(q_c, k_c, bias_c, mask_c, r_index, k_index, masked)
         # The result does not depend on m, so no gradient needs to flow through it.
         m_new = xp.maximum(m, backend.stop_gradient(xp.max(s, axis=-1, keepdims=True)))
         m_ref = xp.where(m_new == NEG_INF, 0.0, m_new)  # rows that have seen no key yet
@@ -356,14 +357,14 @@ def forward(
         acc = acc * rescale + xp.matmul(p, v_c)
         return m_new, l, acc
 
-    def row_block(q_c, bias_c, mask_c, r_index, kt_stack, v_stack):
+    def row_block(q_c, bias_c, mask_c, r_index, k_stack, v_stack):
         """Output and logsumexp of one block of rows against every key it can see."""
         # Scaled per block: a scaled copy of all of q would be one more n·d buffer.
         q_c = c.isolated_rows(q_c) * options.scale
         by_key = (_split(xp, bias_c, -1, c.keys), _split(xp, mask_c, -1, c.keys))
         rows = q_c.shape[:-1]
         # Connected to the inputs even if no key chunk is visible (no loop trip runs).
-        zero = _connected_zero(xp, c.acc_dtype, q_c, kt_stack[0], v_stack[0], bias_c)
+        zero = _connected_zero(xp, c.acc_dtype, q_c, k_stack[0], v_stack[0], bias_c)
         init = (
             xp.full((*rows, 1), NEG_INF, dtype=c.acc_dtype, device=c.device) + zero,
             c.zeros((*rows, 1)),
@@ -372,7 +373,7 @@ def forward(
 
         def body(masked):
             def fold_in(j, carry):
-                chunks = (kt_stack[j], v_stack[j], by_key[0].at(j), by_key[1].at(j))
+                chunks = (k_stack[j], v_stack[j], by_key[0].at(j), by_key[1].at(j))
                 return updates[masked](*carry, q_c, *chunks, r_index, j)
 
             return fold_in
@@ -390,11 +391,11 @@ def forward(
     if remat:
         updates = {masked: backend.remat(fn) for masked, fn in updates.items()}
         row_block = backend.remat(row_block)
-    kt_stack = backend.chunks(_split(xp, xp.matrix_transpose(k), -1, c.keys).chunks)
+    k_stack = backend.chunks(_split(xp, k, -2, c.keys).chunks)
     v_stack = backend.chunks(_split(xp, v, -2, c.keys).chunks)
 
     def step(carry, r_index, chunks):
-        return carry, row_block(*chunks, r_index, kt_stack, v_stack)
+        return carry, row_block(*chunks, r_index, k_stack, v_stack)
 
     splits = tuple(_split(xp, x, -2, c.rows) for x in (q, bias, mask))
     _, (out, lse) = c.loop(step, (), splits, c.rows)
@@ -433,14 +434,15 @@ def backward(
     lse = xp.where(affected, float("inf"), xp.where(lse == NEG_INF, 0.0, lse))
 
     def chunk_grads(
-        q_c, qt_c, do_c, dot_c, lse_c, delta_c, bias_c, mask_c, r, k_c, kt_c, vt_c, j, masked
+        q_c, qt_c, do_c, dot_c, lse_c, delta_c, bias_c, mask_c, r, k_c, vt_c, j, masked
     ):
         """dQ of a chunk pair, and its transposed contributions dKᵀ = Qᵀ dS, dVᵀ = dOᵀ P.
 
-        Every operand comes in the orientation its product needs (transposed once, outside
-        the loops), so no ``q_chunk x k_chunk`` block is ever transposed.
+        Every operand comes in the orientation its product needs (the row operands
+        transposed once, outside the loops; ``vt_c`` once per key chunk), so no
+        ``q_chunk x k_chunk`` block is ever transposed.
         """
-        s = c.scores(q_c, kt_c, bias_c, mask_c, r, j, masked, overlapping_rows=masked)
+        s = c.scores(q_c, k_c, bias_c, mask_c, r, j, masked, overlapping_rows=masked)
         p = backend.exp_shifted(s, lse_c)
         ds = p * (xp.matmul(do_c, vt_c) - delta_c)
         dkt = _sum_groups(xp, xp.matmul(qt_c, ds))
@@ -471,15 +473,17 @@ def backward(
     def d_bias_value(db):
         return joined_rows(db) if bias_by_rows else db
 
-    def key_block(k_c, kt_c, vt_c, bias_k, mask_k, j, dq, db):
+    def key_block(k_c, v_c, bias_k, mask_k, j, dq, db):
         """dK, dV of key chunk ``j``; its contributions added to dQ and d_bias."""
         extras = (_split(xp, bias_k, -2, c.rows), _split(xp, mask_k, -2, c.rows))
+        vt_c = t(v_c)  # a chunk at a time: no transposed copy of all of v
+        *outer, k_chunk, d_k = k_c.shape
 
         def body(masked):
             def add_in(r, carry):
                 dkt, dvt, dq, db = carry
                 chunks = [s.at(r) for s in (*by_rows, *extras)]
-                g_q, g_kt, g_vt, g_b = chunk_grads(*chunks, r, k_c, kt_c, vt_c, j, masked)
+                g_q, g_kt, g_vt, g_b = chunk_grads(*chunks, r, k_c, vt_c, j, masked)
                 dq = backend.add_block(dq, r, g_q)
                 if db is not None:
                     db = backend.add_block(db, r, g_b) if bias_by_rows else db + g_b
@@ -488,8 +492,8 @@ def backward(
             return add_in
 
         if bias_by_keys:  # this chunk's columns of d_bias
-            db = d_bias_zeros((*bias_k.shape[:-1], kt_c.shape[-1]))
-        carry = (c.zeros(kt_c.shape), c.zeros(vt_c.shape), dq, db)
+            db = d_bias_zeros((*bias_k.shape[:-1], k_chunk))
+        carry = (c.zeros((*outer, d_k, k_chunk)), c.zeros(vt_c.shape), dq, db)
         for band in c.row_ranges(j):
             carry = backend.fori_loop(band.lower, band.upper, body(band.masked), carry, band.trips)
         dkt, dvt, dq, db = carry
@@ -502,8 +506,8 @@ def backward(
         dk, dv, dq, db = key_block(*chunks, j, dq, db)
         return (dq, None if bias_by_keys else db), (dk, dv, db if bias_by_keys else None)
 
-    splits = [_split(xp, x, -2, c.keys) for x in (k,)]
-    splits += [_split(xp, x, -1, c.keys) for x in (t(k), t(v), bias, mask)]
+    splits = [_split(xp, x, -2, c.keys) for x in (k, v)]
+    splits += [_split(xp, x, -1, c.keys) for x in (bias, mask)]
     db = None if bias is None or bias_by_keys else d_bias_zeros(bias.shape)
     (dq, db), (dk, dv, db_by_keys) = c.loop(step, (by_row_blocks(q.shape), db), splits, c.keys)
     dq, dk, dv = joined_rows(dq), _join(xp, dk, -2, c.keys), _join(xp, dv, -2, c.keys)
