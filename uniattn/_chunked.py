@@ -30,9 +30,10 @@ loop runs in bands (:func:`_bands`): partly masked chunks at the edges, and betw
 chunks every row sees whole, computed without the structural mask.
 
 Only one ``q_chunk x k_chunk`` block of scores per head exists at a time. Loops,
-rematerialisation, ``stop_gradient``, ``add_at``, ``cond``, ``chunks`` (how a loop body
-holds stacked chunks) and ``exp_shifted`` (which may reuse the score block's memory) come
-from the backend adapter; the rest is array-API calls on ``xp``.
+rematerialisation, ``stop_gradient``, ``cond``, ``chunks`` (how a loop body holds stacked
+chunks), the block accumulator (``blocks``, ``add_block``, ``stacked``) and ``exp_shifted``
+(which may reuse the score block's memory) come from the backend adapter; the rest is
+array-API calls on ``xp``.
 """
 
 from __future__ import annotations
