@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
+
 from uniattn.bench import _worker, peers
 from uniattn.bench._common import Progress, Report, attention_flops, ratio, too_big
 
@@ -73,3 +75,28 @@ def test_helpers():
     assert attention_flops(2, 1, 1) == 16 and attention_flops(2, 1, 1, gradient=True) == 56
     assert ratio(3.0, 2.0) == "1.50x" and ratio(None, 1.0) == "—"
     assert too_big(256, 1, False) is None and "GiB" in too_big(2**22, 64, True)
+
+
+def test_torch_gradients_reach_peers_that_checkpoint_reentrantly():
+    pytest.importorskip("torch", reason="the torch path of the bench's gradient")
+    import torch
+    import torch.utils.checkpoint
+
+    from uniattn import backends
+
+    backend = backends.load("torch")
+
+    def dense(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+
+    def reentrant(q, k, v):  # as memory-efficient-attention 0.1.3 checkpoints
+        return torch.utils.checkpoint.checkpoint(dense, q, k, v, use_reentrant=True)
+
+    q, k, v, d_out = (torch.randn(2, 5, 3, dtype=torch.float64) for _ in range(4))
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        backend.vjp(reentrant, q, k, v)[1](d_out)  # what the bench used to call
+    got = _worker._gradient(backend, reentrant)(q, k, v, d_out)
+    want = backend.vjp(dense, q, k, v)[1](d_out)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    assert not any(x.requires_grad for x in (q, k, v))  # the inputs are left as they were
