@@ -294,5 +294,19 @@ class Backend:
         """Wait until ``x`` is computed (asynchronous frameworks); returns ``x``."""
         return x
 
+    def reset_peak_memory(self) -> int | None:
+        """Start measuring the peak of the framework's own allocator: reset its peak
+        statistic and return the bytes it holds now; None where it keeps no statistics.
+
+        Peak RSS cannot see memory that a pooling allocator reuses (TensorFlow's, with
+        oneDNN on), so measurements take the larger of the two (``uniattn._measure``).
+        """
+        return None
+
+    def peak_memory(self) -> int:
+        """The allocator's peak in bytes since :meth:`reset_peak_memory` (which returned
+        a number)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"<uniattn backend {self.name!r}>"

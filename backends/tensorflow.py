@@ -371,6 +371,19 @@ class TensorFlowBackend(Backend):
 
         return out, vjp_fn
 
+    def reset_peak_memory(self):
+        # With oneDNN on (TF's default on CPUs with AVX-512 VNNI/BF16 or AMX), large
+        # tensors come from a pooling allocator whose pages stay resident after a call:
+        # peak RSS would read 0. It keeps statistics; TF's plain CPU allocator does not.
+        try:
+            tf.config.experimental.reset_memory_stats("CPU:0")
+            return tf.config.experimental.get_memory_info("CPU:0")["current"]
+        except ValueError:  # "Allocator stats not available"
+            return None
+
+    def peak_memory(self):
+        return tf.config.experimental.get_memory_info("CPU:0")["peak"]
+
     def jit(self, fn):
         # uniattn needs no AutoGraph (its loops are tf.while_loop); leaving it off keeps
         # AutoGraph from converting the test harness, whose conversion cache was seen to

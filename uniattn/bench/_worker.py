@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from uniattn._measure import _status
+from uniattn._measure import timed_peak
 
 
 def run(spec: dict, on_line: Callable[[dict], None] | None = None, timeout: float = 3600):
@@ -71,22 +71,11 @@ def _task_memory(backend, spec) -> None:
             run = _gradient(backend, fn) if gradient else fn
             if n == spec["ns"][0] or backend.compiles_per_shape:
                 run = backend.precompile(run, *args)  # later lengths reuse the warm-up
-            seconds, peak = _timed_peak(backend, run, args)
+            seconds, peak = timed_peak(backend, run, args)
             if seconds < 2:  # cheap enough for a median
                 repeat = {impl: lambda run=run, args=args: run(*args)}
                 seconds = interleaved_medians(repeat, backend.block, spec["repeats"])[impl]
             _emit(n=n, impl=impl, peak_bytes=peak, seconds=seconds)
-
-
-def _timed_peak(backend, run, args) -> tuple[float, int]:
-    """Seconds and peak RSS above the current RSS of one ``run(*args)``."""
-    baseline = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    start = time.perf_counter()
-    backend.block(run(*args))
-    seconds = time.perf_counter() - start
-    return seconds, max(0, _status("VmHWM") - baseline)
 
 
 def _task_speed(backend, spec) -> None:
@@ -139,7 +128,7 @@ def _task_scale(backend, spec) -> None:
         run = _gradient(backend, uniattn.attention)
     else:
         run = lambda q, k, v, d: uniattn.vjp(q, k, v)[1](d)  # noqa: E731
-    seconds, peak = _timed_peak(backend, run, (q, k, v, d_out))
+    seconds, peak = timed_peak(backend, run, (q, k, v, d_out))
     _emit(n=n, seconds=seconds, peak_bytes=peak)
 
 
