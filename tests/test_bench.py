@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 
-from uniattn.bench import _worker, peers
-from uniattn.bench._common import Progress, Report, attention_flops, ratio, too_big
+from uniattn.bench import _worker, peers, speed
+from uniattn.bench._common import Progress, Report, attention_flops, machine, ratio, too_big
 
 
 def test_memory_worker_measures_both_implementations_in_a_fresh_process():
@@ -34,6 +35,14 @@ def test_speed_worker_times_every_available_implementation():
     assert {"uniattn", "plain"} <= set(timed[0]["seconds"])
 
 
+def test_speed_report_states_the_matmul_rate_its_percentages_use():
+    report = speed.run(["numpy"], ns=[128])
+    (note,) = [n for n in report.notes if "matmul rate" in n]
+    rate = float(note.rsplit("numpy ", 1)[1]) * 1e9
+    row = next(r for r in report.rows if r[3] == "uniattn" and r[1] == "fwd")
+    assert float(row[6]) * 1e9 / rate == pytest.approx(float(row[7].rstrip("%")) / 100, abs=0.01)
+
+
 def test_worker_errors_come_back_as_lines():
     lines = _worker.run({"task_kind": "scale", "backend": "numpy", "n": -1}, timeout=300)
     assert "error" in lines[-1]
@@ -48,7 +57,9 @@ def test_peers_say_why_they_are_missing():
 
 
 def test_report_markdown_and_json(tmp_path):
-    report = Report("demo", "caption", ["a", "b"], [["1", "2"]], raw={"x": [1.5]}, notes=["n"])
+    report = Report(
+        "demo", "caption", ["a", "b"], [["1", "2"]], raw={"x": [1.5]}, notes=["n"], machine="cpu"
+    )
     assert report.markdown().splitlines() == [
         "caption",
         "",
@@ -57,9 +68,11 @@ def test_report_markdown_and_json(tmp_path):
         "| 1 | 2 |",
         "",
         "n",
+        "",
+        "Machine: cpu.",
     ]
     md, raw = report.write(tmp_path)
-    assert json.loads(raw.read_text()) == {"x": [1.5]}
+    assert json.loads(raw.read_text()) == {"x": [1.5], "machine": "cpu"}
     assert md.read_text().startswith("caption")
 
 
@@ -69,6 +82,11 @@ def test_progress_bar_counts_steps():
     progress.advance(2)
     progress.step("half")
     assert "[##########..........] 2/4" in stream.getvalue() and "demo: half" in stream.getvalue()
+
+
+def test_machine_names_the_cpu_count():
+    assert f"{os.cpu_count()} CPUs" in machine()
+    assert Report("demo", "", []).machine == machine()
 
 
 def test_helpers():

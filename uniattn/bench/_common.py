@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import statistics
 import sys
 import time
@@ -119,6 +121,26 @@ class Progress:
             self.stream.flush()
 
 
+def machine() -> str:
+    """The CPU the figures come from, e.g. ``"AMD EPYC, 2 CPUs, AVX-512"``: timings and
+    matmul rates differ between machines of one kind (an AVX2 host and an AVX-512 one)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    vector = next((name for flag, name in _VECTOR_UNITS if flag in flags), None)
+    return ", ".join(x for x in (model, f"{os.cpu_count()} CPUs", vector) if x)
+
+
+_VECTOR_UNITS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("asimd", "NEON"))
+
+
 @dataclass
 class Report:
     """One benchmark's result: a markdown table (with a caption) and the raw figures."""
@@ -129,20 +151,22 @@ class Report:
     rows: list[list[str]] = field(default_factory=list)
     raw: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    machine: str = field(default_factory=machine)
 
     def markdown(self) -> str:
         lines = [self.caption, "", "| " + " | ".join(self.columns) + " |"]
         lines.append("|" + "---|" * len(self.columns))
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
         lines += ["", *self.notes] if self.notes else []
-        return "\n".join(lines)
+        return "\n".join([*lines, "", f"Machine: {self.machine}."])
 
     def write(self, out: Path) -> list[Path]:
         """``out/<name>.md`` and ``out/<name>.json``; returns the paths written."""
         out.mkdir(parents=True, exist_ok=True)
         md, raw = out / f"{self.name}.md", out / f"{self.name}.json"
         md.write_text(self.markdown() + "\n")
-        raw.write_text(json.dumps(self.raw, indent=2, default=_jsonable) + "\n")
+        figures = {**self.raw, "machine": self.machine}
+        raw.write_text(json.dumps(figures, indent=2, default=_jsonable) + "\n")
         return [md, raw]
 
 

@@ -60,11 +60,19 @@ def run(names, quick: bool = False, full: bool = False, ns: list[int] | None = N
         }
     )
     report.notes += [f"- {impl}: {why}" for impl, why in skipped]
+    rates = {name: _matmul_rate(lines) for name, lines in report.raw["backends"].items()}
+    measured = [f"{name} {rate / 1e9:.0f}" for name, rate in rates.items() if rate]
+    if measured:
+        report.notes.append(f"- float32 matmul rate (GFLOP/s, best of 10): {', '.join(measured)}")
     return report
 
 
+def _matmul_rate(lines) -> float | None:
+    return next((x["matmul_flops_per_s"] for x in lines if "matmul_flops_per_s" in x), None)
+
+
 def _rows(name, lines) -> list[list[str]]:
-    rate = next((x["matmul_flops_per_s"] for x in lines if "matmul_flops_per_s" in x), None)
+    rate = _matmul_rate(lines)
     rows = []
     for line in lines:
         if "error" in line:
