@@ -1,4 +1,5 @@
-"""Extra memory never grows with the n x n score matrix (peak RSS in a fresh process).
+"""Extra memory never grows with the n x n score matrix (peak RSS in a fresh process, or a
+pooling allocator's own peak where that is larger: ``uniattn._measure.timed_peak``).
 
 Memory, unlike time, is deterministic enough to assert: the bound is half of ONE float32
 score matrix, where plain attention holds several (uniattn needs O(n·d): a few MiB here). This caught TensorFlow's eager

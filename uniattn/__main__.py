@@ -95,8 +95,8 @@ def main(argv=None) -> int:
         "beside the same framework's plain softmax(q kT) v"
     )
     print(
-        f"  memory: forward, float32, n {n}, 1 head, d 64: peak RSS above the inputs, fresh "
-        "process per backend\n"
+        f"  memory: forward, float32, n {n}, 1 head, d 64: peak RSS above the inputs (or a "
+        "pooling allocator's own peak), fresh process per backend\n"
     )
     header = (
         f"{'backend':<11}{'version':<15}{'out err':>9}{'grad err':>10}{'time ms':>9}"
