@@ -231,6 +231,15 @@ class Backend:
         """``x`` treated as a constant by autodiff."""
         return x
 
+    def matmul_transposed(self, a: Any, b: Any) -> Any:
+        """``a @ bᵀ`` over the last two axes: the score product of queries and keys.
+
+        The default multiplies by ``matrix_transpose(b)``, a view in eager frameworks; an
+        adapter whose compiler would copy ``b`` transposed contracts the last axes directly.
+        """
+        xp = self.namespace()
+        return xp.matmul(a, xp.matrix_transpose(b))
+
     def exp_shifted(self, s: Any, shift: Any) -> Any:
         """``exp(s - shift)``, to a few ulp; ``s`` is a temporary the caller never reads
         again, so an adapter may compute it in place where autodiff does not need ``s``."""

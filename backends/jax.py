@@ -79,6 +79,11 @@ class JaxBackend(Backend):
     def stop_gradient(self, x):
         return jax.lax.stop_gradient(x)
 
+    def matmul_transposed(self, a, b):
+        # A dot_general contracting both last axes: XLA would copy a transposed b (one
+        # copy of every key chunk per row block) to feed matmul(a, matrix_transpose(b)).
+        return jnp.einsum("...qd,...kd->...qk", a, b)
+
     def cond(self, pred, fast, safe, operands):
         # Always safe: uniattn's safe branches are elementwise passes that XLA fuses into
         # their consumers, while lax.cond would materialise its operands (at n 16384 that

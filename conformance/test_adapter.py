@@ -250,6 +250,37 @@ def test_exp_shifted(backend):
 
 
 @pytest.mark.parametrize("how", ["eager", "staged", "compiled"])
+def test_matmul_transposed(backend, how):
+    """``matmul_transposed(a, b) == a @ bᵀ`` over the last two axes, with the batch axes
+    broadcast as the algorithm's are (query heads on a key/value head's group axis of 1),
+    and differentiable in both arguments. Each value may differ by a sum's rounding: a
+    few ulp of the sum of the magnitudes of its terms."""
+    rng = np.random.default_rng(0)
+    a_np, b_np = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 1, 6, 5))
+    a, b = backend.asarray(a_np, "float64"), backend.asarray(b_np, "float64")
+
+    def close(got, want, magnitude):
+        error = np.abs(backend.to_numpy(got) - want)
+        assert np.all(error <= 8 * np.finfo(np.float64).eps * magnitude), error.max()
+
+    def t(x):
+        return np.swapaxes(x, -1, -2)
+
+    product = _run(backend, how, backend.matmul_transposed)
+    close(product(a, b), a_np @ t(b_np), np.abs(a_np) @ t(np.abs(b_np)))
+    if backend.has_autodiff:
+        _, vjp_fn = backend.vjp(backend.matmul_transposed, a, b)
+        d_a, d_b = vjp_fn(backend.asarray(np.ones((2, 3, 4, 6)), "float64"))
+        # With a cotangent of ones: dA sums b over its keys, dB sums a over heads and rows.
+        close(d_a, np.broadcast_to(b_np.sum(-2, keepdims=True), a_np.shape), 6 * np.abs(b_np).max())
+        close(
+            d_b,
+            np.broadcast_to(a_np.sum((1, 2), keepdims=True), b_np.shape),
+            12 * np.abs(a_np).max(),
+        )
+
+
+@pytest.mark.parametrize("how", ["eager", "staged", "compiled"])
 def test_chunks_indexed_in_a_loop_and_through_remat(backend, how):
     """``chunks(stacked)[i]`` is ``stacked[i]`` at a loop's index, also as an argument of
     a rematerialised function inside a scan (as the forward passes its key chunks), and

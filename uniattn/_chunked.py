@@ -31,9 +31,9 @@ chunks every row sees whole, computed without the structural mask.
 
 Only one ``q_chunk x k_chunk`` block of scores per head exists at a time. Loops,
 rematerialisation, ``stop_gradient``, ``cond``, ``chunks`` (how a loop body holds stacked
-chunks), the block accumulator (``blocks``, ``add_block``, ``stacked``) and ``exp_shifted``
-(which may reuse the score block's memory) come from the backend adapter; the rest is
-array-API calls on ``xp``.
+chunks), the block accumulator (``blocks``, ``add_block``, ``stacked``), the score product
+``matmul_transposed`` and ``exp_shifted`` (which may reuse the score block's memory) come from
+the backend adapter; the rest is array-API calls on ``xp``.
 """
 
 from __future__ import annotations
@@ -178,8 +178,9 @@ class _Context:
     def scores(self, q_c, k_c, bias_c, mask_c, r_index, k_index, masked, overlapping_rows=False):
         """Scaled scores of row block ``r_index`` and key chunk ``k_index``; -inf where
         not attended. ``q_c`` is pre-scaled; ``k_c`` is a chunk of keys as they are,
-        transposed in the product: transposing all of k once, outside the loops, costs
-        no time either, but TensorFlow and XLA materialise it, one more n·d buffer.
+        transposed in the product (``Backend.matmul_transposed``): transposing all of k
+        once, outside the loops, costs no time either, but TensorFlow and XLA materialise
+        it, one more n·d buffer.
 
         ``masked=False`` leaves out the structural rules (window, causal, the last key
         chunk's overlap), for a chunk pair that loop bounds show to be whole; masks and
@@ -187,7 +188,7 @@ class _Context:
         block's overlap (the backward sums over rows, so it must not count them twice).
         """
         xp, o = self.xp, self.options
-        s = xp.matmul(q_c, xp.matrix_transpose(k_c))
+        s = self.backend.matmul_transposed(q_c, k_c)
         if bias_c is not None:
             s = s + bias_c
         if not self.needs_positions(masked, overlapping_rows):
