@@ -11,8 +11,10 @@ from . import Backend
 
 class JaxBackend(Backend):
     name = "jax"
-    # Decoding: key chunk from `bench masks`-style sweeps at a 32k cache (README, tuning).
-    decode_key_chunk = 16384
+    # Decoding: key chunk from `bench masks`-style sweeps (README, tuning). One chunk for a
+    # cache of up to 64k: each chunk costs XLA a copy of its keys and values (AVX-512 host:
+    # 32k cache 289 -> 231 ms, 64k 596 -> 485 against 16384; on AVX2, 512 to 16384 were flat).
+    decode_key_chunk = 65536
     compiles_per_shape = True
     # `bench tune` favours 512 x 512 by 7%, but XLA then holds 44x less memory than plain
     # attention at n 16384 (inference) instead of 64x: below the paper's 59x. Kept 256 x 512.
