@@ -13,6 +13,7 @@ that framework is already in ``sys.modules`` (see ``uniattn._dispatch``): import
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import importlib.util
 import sys
@@ -104,15 +105,45 @@ class Backend:
     #: Default key_chunk_size for decoding (one query row, whose folded heads are all the
     #: rows a key chunk's fixed cost is spread over), from ``bench masks``' decode rows.
     decode_key_chunk: int = 4096
+    #: Default chunks on an accelerator, where a chunk is a few kernel launches whose fixed
+    #: cost larger chunks spread: the paper's 1024 x 4096 (`bench tune --device cuda` on an
+    #: H100 ran 4096 x 4096 fastest, within 1.12x (JAX) and 1.52x (torch); README, tuning).
+    accelerator_chunks: tuple[int, int] = (1024, 4096)
+    #: Where :meth:`asarray` creates arrays: a device of the framework's own kind, or None
+    #: for the framework's default. Set by :meth:`on`; the algorithm never reads it.
+    array_device: Any = None
 
     def chunk_sizes(self, device: Any, decoding: bool) -> tuple[int, int]:
-        """Default (query_chunk_size, key_chunk_size) for arrays on ``device``.
+        """Default (query_chunk_size, key_chunk_size) for arrays on ``device``:
+        :attr:`default_chunks` on the host CPU, :attr:`accelerator_chunks` elsewhere."""
+        chunks = self.accelerator_chunks if self.is_accelerator(device) else self.default_chunks
+        return chunks[0], self.decode_key_chunk if decoding else chunks[1]
 
-        Measured on CPUs only (no GPU was at hand to tune on); an adapter whose framework
-        runs elsewhere may choose per device here.
+    def is_accelerator(self, device: Any) -> bool:
+        """Whether ``device`` (as :meth:`device` gives it) is not the host CPU."""
+        return False
+
+    def on(self, device: str) -> Backend:
+        """A copy of this backend whose :meth:`asarray` creates arrays on ``device``.
+
+        ``device`` is the framework's own name for it (torch ``"cuda:1"``, JAX ``"gpu"``,
+        TensorFlow ``"GPU:0"``; ``"cpu"`` everywhere). The conformance suite and the
+        benchmarks take it as ``--device``. Raises ValueError for a device the framework
+        does not have.
         """
-        q_chunk, k_chunk = self.default_chunks
-        return q_chunk, self.decode_key_chunk if decoding else k_chunk
+        placed = copy.copy(self)
+        placed.array_device = self.find_device(device)
+        return placed
+
+    def find_device(self, name: str) -> Any:
+        """The framework's device called ``name``, for :meth:`on`."""
+        if name.lower() != "cpu":
+            raise ValueError(f"device must be 'cpu' for {self.name}; got {name!r}")
+        return "cpu"
+
+    def platform(self, x: Any) -> str:
+        """The kind of device ``x`` lives on, lower case: ``"cpu"``, ``"cuda"``, ``"gpu"``..."""
+        return "cpu"
 
     # -- identification -----------------------------------------------------------------
     def is_array_type(self, tp: type) -> bool:
@@ -269,7 +300,8 @@ class Backend:
 
     # -- conversion, autodiff and compilation (tests, CLI, benchmarks) -----------------
     def asarray(self, a: np.ndarray, dtype: str | None = None) -> Any:
-        """A framework array with the values of ``a``, cast to ``dtype`` if given."""
+        """A framework array with the values of ``a``, cast to ``dtype`` if given, on
+        :attr:`array_device`."""
         raise NotImplementedError
 
     def to_numpy(self, x: Any) -> np.ndarray:
@@ -309,6 +341,8 @@ class Backend:
 
         Peak RSS cannot see memory that a pooling allocator reuses (TensorFlow's, with
         oneDNN on), so measurements take the larger of the two (``uniattn._measure``).
+        On an accelerator these statistics are the only measure: an adapter without them
+        (None) leaves that device's memory unmeasured.
         """
         return None
 
@@ -318,4 +352,5 @@ class Backend:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"<uniattn backend {self.name!r}>"
+        where = "" if self.array_device is None else f" on {self.array_device}"
+        return f"<uniattn backend {self.name!r}{where}>"

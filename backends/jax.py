@@ -30,6 +30,20 @@ class JaxBackend(Backend):
     def version(self):
         return jax.__version__
 
+    def is_accelerator(self, device):
+        # Traced arrays carry no device: jit runs on the default backend's.
+        return jax.default_backend() != "cpu"
+
+    def find_device(self, name):
+        platform, _, index = name.lower().partition(":")
+        try:
+            return jax.devices(platform)[int(index or 0)]
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise ValueError(f"device: JAX has no device {name!r} here ({e})") from None
+
+    def platform(self, x):
+        return next(iter(x.devices())).platform
+
     def stage(self, fn):
         # Eager lax.scan re-traces and compiles on every call; jit caches per shape.
         return jax.jit(fn)
@@ -99,7 +113,7 @@ class JaxBackend(Backend):
         return f
 
     def asarray(self, a, dtype=None):
-        return jnp.asarray(a, dtype=dtype)
+        return jnp.asarray(a, dtype=dtype, device=self.array_device)
 
     def to_numpy(self, x):
         if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:

@@ -197,6 +197,18 @@ class TensorFlowBackend(Backend):
     def prepare(self, x):
         return tf.convert_to_tensor(x)  # reads a tf.Variable (the tape still sees it)
 
+    def find_device(self, name):
+        kind, _, index = name.upper().replace("CUDA", "GPU").partition(":")
+        wanted = f"{kind}:{index or 0}"
+        names = [d.name for d in tf.config.list_logical_devices()]
+        if not any(n.endswith(f"device:{wanted}") for n in names):
+            raise ValueError(f"device: TensorFlow has no device {name!r} here (it has {names})")
+        return wanted
+
+    def platform(self, x):
+        # "/job:localhost/replica:0/task:0/device:GPU:0" -> "gpu"
+        return x.device.rpartition("device:")[2].partition(":")[0].lower() or "cpu"
+
     def device_scope(self, x):
         # TF places an op on its default device, not its inputs'; keep the inputs'.
         return tf.device(x.device) if getattr(x, "device", "") else contextlib.nullcontext()
@@ -344,8 +356,10 @@ class TensorFlowBackend(Backend):
         return f
 
     def asarray(self, a, dtype=None):
-        t = tf.constant(np.array(a, copy=True))
-        return t if dtype is None else tf.cast(t, getattr(tf, dtype))
+        where = self.array_device
+        with contextlib.nullcontext() if where is None else tf.device(where):
+            t = tf.constant(np.array(a, copy=True))
+            return t if dtype is None else tf.cast(t, getattr(tf, dtype))
 
     def to_numpy(self, x):
         if x.dtype.is_floating and x.dtype.size < 4:

@@ -92,6 +92,20 @@ class TorchBackend(Backend):
     def device(self, x):
         return x.device
 
+    def is_accelerator(self, device):
+        return device.type != "cpu"
+
+    def find_device(self, name):
+        try:
+            device = torch.device(name)
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:  # unknown kind; not compiled in
+            raise ValueError(f"device: torch has no device {name!r} here ({e})") from None
+        return device
+
+    def platform(self, x):
+        return x.device.type
+
     def scan(self, step, init, xs, length):
         # unbind once: its backward stacks the chunk gradients in one go, where indexing
         # each step would scatter into a fresh zero tensor per chunk.
@@ -138,7 +152,7 @@ class TorchBackend(Backend):
 
     def asarray(self, a, dtype=None):
         t = torch.from_numpy(np.array(a, copy=True))
-        return t if dtype is None else t.to(getattr(torch, dtype))
+        return t.to(self.array_device, None if dtype is None else getattr(torch, dtype))
 
     def to_numpy(self, x):
         x = x.detach()
@@ -159,6 +173,22 @@ class TorchBackend(Backend):
 
     def jit(self, fn):
         return torch.compile(fn, fullgraph=False, dynamic=False)
+
+    def block(self, x):
+        if torch.cuda.is_initialized():  # kernels run asynchronously
+            torch.cuda.synchronize()
+        return x
+
+    def reset_peak_memory(self):
+        # CUDA's caching allocator keeps exact statistics; torch's CPU allocator keeps none.
+        if not torch.cuda.is_initialized():
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+
+    def peak_memory(self):
+        return torch.cuda.max_memory_allocated()
 
 
 backend = TorchBackend()

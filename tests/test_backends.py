@@ -63,3 +63,43 @@ def test_framework_arrays_are_detected(name):
 def test_load_rejects_unknown_names():
     with pytest.raises(ValueError, match="backend must be one of"):
         backends.load("mxnet")
+
+
+@pytest.mark.parametrize("name", backends.installed())
+def test_on_places_arrays_and_rejects_unknown_devices(name):
+    """``Backend.on``: a copy whose ``asarray`` creates arrays on the device named, with a
+    ValueError naming the argument for a device the framework does not have."""
+    backend = backends.load(name)
+    placed = backend.on("cpu")
+    assert placed is not backend and backend.array_device is None
+    x = placed.asarray(np.arange(3.0), "float32")
+    assert placed.platform(x) == "cpu" and placed.dtype_name(x) == "float32"
+    np.testing.assert_array_equal(placed.to_numpy(x), [0, 1, 2])
+    assert "on " in repr(placed)
+    with pytest.raises(ValueError, match="device"):
+        backend.on("no-such-device:7")
+
+
+@pytest.mark.parametrize("name", backends.installed())
+def test_default_chunks_follow_the_device(name):
+    """The host CPU gets the CPU-tuned chunks; an accelerator the larger ones."""
+    backend = backends.load(name)
+    x = backend.asarray(np.zeros((1, 8, 1, 4)), "float32")
+    if backend.platform(x) != "cpu":
+        pytest.skip("this machine's default device is an accelerator")
+    q_chunk, k_chunk = backend.chunk_sizes(backend.device(x), decoding=False)
+    assert (q_chunk, k_chunk) == tuple(backend.default_chunks)
+    assert backend.chunk_sizes(backend.device(x), decoding=True)[1] == backend.decode_key_chunk
+
+
+def test_an_accelerator_gets_the_accelerator_chunks():
+    class OnAccelerator(type(backends.load("numpy"))):
+        def is_accelerator(self, device):
+            return True
+
+    backend = OnAccelerator()
+    assert backend.chunk_sizes(None, decoding=False) == tuple(backend.accelerator_chunks)
+    assert backend.chunk_sizes(None, decoding=True) == (
+        backend.accelerator_chunks[0],
+        backend.decode_key_chunk,
+    )

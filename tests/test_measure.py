@@ -40,3 +40,23 @@ def test_peak_counts_resident_growth_where_the_allocator_keeps_no_statistics():
     # memory an earlier test freed and left resident.
     _, peak = timed_peak(numpy, lambda: np.ones(64 * MiB // 8), ())
     assert peak >= 60 * MiB
+
+
+class _OnAccelerator(type(backends.load("numpy"))):
+    """NumPy pretending its arrays live on a GPU whose allocator keeps no statistics."""
+
+    def platform(self, x):
+        return "gpu"
+
+
+def test_an_accelerators_memory_without_allocator_statistics_is_not_measured():
+    # Host RSS says nothing about a GPU's memory: None, never a misleading 0.
+    seconds, peak = timed_peak(_OnAccelerator(), lambda x: x + 1, (np.zeros(4),))
+    assert seconds >= 0 and peak is None
+
+
+def test_an_accelerators_memory_is_its_allocators_peak():
+    class Counted(_OnAccelerator, _Pooled):
+        pass
+
+    assert timed_peak(Counted(), lambda x: x + 1, (np.zeros(4),))[1] == 64 * MiB

@@ -5,10 +5,13 @@ the call, in a fresh process per backend, with glibc's dynamic mmap threshold pi
 freed buffers go back to the OS. The peak is reset (``/proc/self/clear_refs``) before
 each measured call, after a warm-up call of the same shape (compilation, kernel
 loading). Where the framework's allocator pools memory and keeps statistics (TensorFlow
-with oneDNN on), its own peak counts where it is larger (:func:`timed_peak`). It includes
-the output, which is O(n·d).
+with oneDNN on), its own peak counts where it is larger (:func:`timed_peak`). On an
+accelerator only the allocator's statistics count (torch's CUDA allocator keeps them;
+where an adapter has none, the peak is not measured: None). It includes the output,
+which is O(n·d).
 
-Run as ``python -m uniattn._measure BACKEND N forward|gradient`` to print one JSON line.
+Run as ``python -m uniattn._measure BACKEND N forward|gradient [DEVICE]`` to print one
+JSON line.
 """
 
 from __future__ import annotations
@@ -39,45 +42,53 @@ def _status(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) * 1024
 
 
-def timed_peak(backend, run, args: tuple) -> tuple[float, int]:
+def timed_peak(backend, run, args: tuple) -> tuple[float, int | None]:
     """Seconds and peak extra bytes of one ``run(*args)``, compiled and warmed up before.
 
     The peak is the larger of two lower bounds: the growth of the resident set (``VmHWM``,
     reset first, over ``VmRSS`` before the call), which misses memory that a pooling
     allocator holds from an earlier call and reuses, and the framework allocator's own
     peak above what it held before (:meth:`Backend.reset_peak_memory`, where it keeps
-    statistics), which misses what the framework takes outside that allocator.
+    statistics), which misses what the framework takes outside that allocator. Arrays on
+    an accelerator are measured by the allocator alone, and not at all (None) where it
+    keeps no statistics.
     """
+    on_host = not args or backend.platform(args[0]) == "cpu"
     held = backend.reset_peak_memory()
     baseline = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     start = time.perf_counter()
     backend.block(run(*args))
     seconds = time.perf_counter() - start
-    resident = _status("VmHWM") - baseline
-    pooled = 0 if held is None else backend.peak_memory() - held
-    return seconds, max(0, resident, pooled)
+    resident = _status("VmHWM") - baseline if on_host else 0
+    if held is None:
+        return seconds, max(0, resident) if on_host else None
+    return seconds, max(0, resident, backend.peak_memory() - held)
 
 
-def peak_bytes_above_baseline(backend, fn, *args) -> int:
+def peak_bytes_above_baseline(backend, fn, *args) -> int | None:
     """Peak extra bytes of one ``fn(*args)`` (compiled and warmed up first, see
     :func:`timed_peak`)."""
     return timed_peak(backend, backend.precompile(fn, *args), args)[1]
 
 
-def memory_in_subprocess(backend: str, n: int, task: str = "forward", timeout: float = 600):
-    """Peak extra bytes of each implementation at length ``n`` (1 head, d=64, float32).
+def memory_in_subprocess(
+    backend: str, n: int, task: str = "forward", device: str | None = None, timeout: float = 600
+):
+    """Peak extra bytes of each implementation at length ``n`` (1 head, d=64, float32),
+    on ``device`` (the framework's name for it; None: its default device).
 
     ``task`` "forward" measures ``{"uniattn", "plain"}``; "gradient" measures a forward and
     backward pass: ``{"custom", "autodiff", "plain"}`` (plain under the framework's
     autodiff; NumPy: ``{"custom"}`` through ``uniattn.vjp``). None where peak RSS cannot
-    be measured (not Linux).
+    be measured (not Linux); each value None where the device's memory is not measured.
     """
     if not Path("/proc/self/clear_refs").exists():
         return None
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
-        [sys.executable, "-m", "uniattn._measure", backend, str(n), task],
+        [sys.executable, "-m", "uniattn._measure", backend, str(n), task]
+        + ([] if device is None else [device]),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -87,7 +98,7 @@ def memory_in_subprocess(backend: str, n: int, task: str = "forward", timeout: f
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _worker(name: str, n: int, task: str) -> dict:
+def _worker(name: str, n: int, task: str, device: str | None = None) -> dict:
     import numpy as np
 
     import uniattn
@@ -95,6 +106,7 @@ def _worker(name: str, n: int, task: str) -> dict:
     from uniattn._plain import plain_attention
 
     backend = backends.load(name)
+    backend = backend if device is None else backend.on(device)
     rng = np.random.default_rng(0)
     q, k, v, d_out = (
         backend.asarray(rng.standard_normal((1, n, 1, 64)), "float32") for _ in range(4)
@@ -118,4 +130,4 @@ def _worker(name: str, n: int, task: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])))
+    print(json.dumps(_worker(sys.argv[1], int(sys.argv[2]), *sys.argv[3:5])))
