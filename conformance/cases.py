@@ -120,11 +120,13 @@ def make_inputs(case: Case) -> dict[str, np.ndarray | None]:
     return arrays
 
 
-def alibi(xp, heads: int, dtype) -> Callable:
+def alibi(xp, heads: int, dtype, device=None) -> Callable:
     """ALiBi (Press et al.): ``slope_h * (k - q)`` with slopes ``2^(-8 h / heads)``, exact in
-    float32. ``xp`` is the framework's namespace; the result is ``[heads, q_chunk, k_chunk]``."""
+    float32. ``xp`` is the framework's namespace, ``device`` the inputs' (None: its default);
+    the result is ``[heads, q_chunk, k_chunk]``."""
     exponents = np.arange(1, heads + 1) * (-8.0 / heads)
-    slopes = xp.reshape(xp.asarray(np.exp2(exponents), dtype=dtype), (heads, 1, 1))
+    slopes = xp.asarray(np.exp2(exponents), dtype=dtype, device=device)
+    slopes = xp.reshape(slopes, (heads, 1, 1))
 
     def bias(q_idx, k_idx):
         return slopes * xp.astype(k_idx - q_idx, dtype)
@@ -132,17 +134,17 @@ def alibi(xp, heads: int, dtype) -> Callable:
     return bias
 
 
-def documents(xp, heads: int, dtype) -> Callable:
+def documents(xp, heads: int, dtype, device=None) -> Callable:
     """A block-diagonal mask of 16-token documents (packed sequences)."""
     return lambda q_idx, k_idx: (q_idx // 16) == (k_idx // 16)
 
 
-def near_keys(xp, heads: int, dtype) -> Callable:
+def near_keys(xp, heads: int, dtype, device=None) -> Callable:
     """A 1-D mask on keys only (``[1, k_chunk]``): every third key is hidden."""
     return lambda q_idx, k_idx: (k_idx % 3) != 1
 
 
-#: Callable biases and masks by name: ``factory(xp, heads, dtype) -> fn(q_idx, k_idx)``.
+#: Callable biases and masks by name: ``factory(xp, heads, dtype, device) -> fn(q_idx, k_idx)``.
 CALLABLES: dict[str, Callable] = {"alibi": alibi, "documents": documents, "near-keys": near_keys}
 
 

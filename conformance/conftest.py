@@ -1,6 +1,7 @@
-"""Conformance suite: ``pytest conformance --backend=NAME`` (repeatable).
+"""Conformance suite: ``pytest conformance --backend=NAME`` (repeatable) ``[--device=NAME]``.
 
-Without ``--backend`` every installed backend is tested. Tests that take a ``backend``
+Without ``--backend`` every installed backend is tested; without ``--device``, on each
+framework's default device (``--device cuda``: torch's GPU; JAX names it ``gpu``). Tests that take a ``backend``
 argument run once per selected backend; tests that also take ``case`` and ``dtype`` run
 over the case table in each dtype the backend supports.
 """
@@ -14,6 +15,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # float64 cases need JAX's x64 mode (array-api-tests does the same); the x64-off default
 # has its own test in test_semantics.py.
 os.environ.setdefault("JAX_ENABLE_X64", "1")
+# JAX multiplies float32 in TF32 on NVIDIA GPUs by default (uniattn follows the setting,
+# as every JAX op does); the float32 tolerances are for float32 products.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # XLA:CPU spends most of a compile in LLVM's optimiser, and the suite compiles a program
 # per (case, dtype, backward mode) to run it once: LLVM at -O0 halves the suite's time.
 # XLA's own passes (fusion, layouts, loops, buffers) run as usual. XLA_FLAGS that set a
@@ -46,6 +50,12 @@ def pytest_addoption(parser):
         choices=list(backends.REGISTRY),
         help="backend to run the conformance suite on (repeatable; default: all installed)",
     )
+    parser.addoption(
+        "--device",
+        default=None,
+        help="the framework's name of the device to put the inputs on, e.g. cuda, gpu, "
+        "cpu (default: the framework's default device)",
+    )
 
 
 def selected_backends(config) -> list[str]:
@@ -58,6 +68,21 @@ def selected_backends(config) -> list[str]:
 
 def pytest_configure(config):
     config.uniattn_backends = selected_backends(config)
+    config.uniattn_loaded = None
+
+
+def loaded_backends(config) -> list:
+    """The selected adapters (imported on first use), placed on ``--device`` if given."""
+    if config.uniattn_loaded is None:
+        device = config.getoption("device")
+        loaded = [backends.load(n) for n in config.uniattn_backends]
+        if device is not None:
+            try:
+                loaded = [b.on(device) for b in loaded]
+            except ValueError as e:
+                raise pytest.UsageError(f"--device {device}: {e}") from None
+        config.uniattn_loaded = loaded
+    return config.uniattn_loaded
 
 
 @pytest.hookimpl(trylast=True)
@@ -74,16 +99,16 @@ def pytest_sessionfinish(session):
 
 
 def pytest_report_header(config):
-    loaded = [backends.load(n) for n in config.uniattn_backends]
-    return "uniattn backends: " + ", ".join(f"{b.name} {b.version()}" for b in loaded)
+    loaded = loaded_backends(config)
+    where = f" on {config.getoption('device')}" if config.getoption("device") else ""
+    return "uniattn backends: " + ", ".join(f"{b.name} {b.version()}" for b in loaded) + where
 
 
 def pytest_generate_tests(metafunc):
-    names = metafunc.config.uniattn_backends
     fixtures = metafunc.fixturenames
     if "backend" not in fixtures:
         return
-    loaded = [backends.load(n) for n in names]
+    loaded = loaded_backends(metafunc.config)
     marks = getattr(metafunc.function, "pytestmark", [])
     if any(m.name == "needs_autodiff" for m in marks):
         loaded = [b for b in loaded if b.has_autodiff]

@@ -115,7 +115,9 @@ def prepare(backend, case: Case, dtype: str) -> Prepared:
         factory = getattr(case, f"{name}_fn")
         if factory is not None:
             xp = backend.namespace()
-            arrays[name] = CALLABLES[factory](xp, case.heads, getattr(xp, fn_dtype))
+            arrays[name] = CALLABLES[factory](
+                xp, case.heads, getattr(xp, fn_dtype), device=backend.array_device
+            )
             rounded[name] = CALLABLES[factory](array_api_compat.numpy, case.heads, np.float64)
     return Prepared(case, backend, dtype, arrays, rounded)
 

@@ -171,7 +171,8 @@ def test_add_at_a_loop_index(backend, how):
         def body(i, carry):
             return (backend.add_at(carry[0], i, ones, 0),)
 
-        return backend.fori_loop(bounds[0], bounds[1], body, (xp.zeros((6,), dtype=ones.dtype),), 3)
+        init = (xp.zeros((6,), dtype=ones.dtype, device=backend.device(ones)),)
+        return backend.fori_loop(bounds[0], bounds[1], body, init, 3)
 
     out = _run(backend, how, f)(bounds)[0]
     np.testing.assert_array_equal(backend.to_numpy(out), [0, 1, 2, 2, 1, 0])
@@ -198,7 +199,8 @@ def test_block_accumulator_in_nested_loops(backend, how):
 
             return backend.fori_loop(bounds[0], bounds[1], inner, carry, 2), None
 
-        init = (backend.blocks(xp.zeros((4, 2, 3), dtype=ones.dtype)),)
+        zeros = xp.zeros((4, 2, 3), dtype=ones.dtype, device=backend.device(ones))
+        init = (backend.blocks(zeros),)
         (acc,), _ = backend.scan(outer, init, (steps,), 3)
         return backend.stacked(acc)
 
