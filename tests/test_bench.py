@@ -118,3 +118,34 @@ def test_torch_gradients_reach_peers_that_checkpoint_reentrantly():
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
     assert not any(x.requires_grad for x in (q, k, v))  # the inputs are left as they were
+
+
+def test_device_and_dtype_options_are_checked():
+    from uniattn.bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["scale", "--device", "cuda"])  # scale does not take a device
+    with pytest.raises(SystemExit):
+        main(["memory", "--dtype", "bfloat16"])  # only speed takes a dtype
+
+
+def test_speed_runs_on_a_named_device_and_dtype():
+    report = speed.run(["numpy"], ns=[128], device="cpu", dtype="float32")
+    assert "on cpu" in report.caption and report.raw["device"] == "cpu"
+    assert any(r[3] == "uniattn" for r in report.rows)
+
+
+def test_fused_gpu_kernels_are_listed_on_cuda_only():
+    torch_backend = pytest.importorskip("uniattn.backends.torch").backend
+    on_cpu = peers.implementations(torch_backend, "cpu", "float32")
+    assert not any(name.startswith("torch sdpa ") for name in on_cpu)
+    on_gpu = peers.implementations(torch_backend, "cuda", "float32")
+    # FlashAttention and cuDNN take 16-bit floats only: said, not attempted.
+    assert isinstance(on_gpu["torch sdpa flash"], str)
+    assert isinstance(on_gpu["torch sdpa cudnn"], str)
+    assert callable(on_gpu["torch sdpa efficient"])
+    assert all(
+        callable(f)
+        for n, f in peers.implementations(torch_backend, "cuda", "bfloat16").items()
+        if n.startswith("torch sdpa")
+    )

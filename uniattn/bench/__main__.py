@@ -11,6 +11,7 @@ from pathlib import Path
 SUBCOMMANDS = ("memory", "speed", "scale", "tune", "masks", "backward")
 ALL = ("memory", "speed", "scale", "masks", "backward")
 SIZED = ("memory", "speed")  # the subcommands --n applies to
+ON_DEVICE = ("memory", "speed", "tune")  # ... and --device
 
 
 def main(argv=None) -> int:
@@ -36,13 +37,31 @@ def main(argv=None) -> int:
         action="append",
         help="sequence length to measure instead of the defaults (repeatable; memory, speed)",
     )
+    parser.add_argument(
+        "--device",
+        help="the framework's name of the device to measure on, e.g. cuda (torch), gpu "
+        "(JAX); default: each framework's default device (memory, speed, tune)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="speed: the inputs' dtype (the fused GPU kernels take 16-bit floats only)",
+    )
     args = parser.parse_args(argv)
+    chosen = ALL if args.subcommand == "all" else (args.subcommand,)
+    if args.device and not set(chosen) <= set(ON_DEVICE):
+        parser.error(f"--device applies to {', '.join(ON_DEVICE)} only")
+    if args.dtype != "float32" and args.subcommand != "speed":
+        parser.error("--dtype applies to speed only")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     names = args.backend or backends.installed()
-    for name in ALL if args.subcommand == "all" else (args.subcommand,):
+    for name in chosen:
         module = importlib.import_module(f"uniattn.bench.{name}")
-        sized = {"ns": args.n} if args.n and name in SIZED else {}
-        report = module.run(names, quick=args.quick, full=args.full, **sized)
+        options = {"ns": args.n} if args.n and name in SIZED else {}
+        options.update({"device": args.device} if args.device else {})
+        options.update({"dtype": args.dtype} if name == "speed" else {})
+        report = module.run(names, quick=args.quick, full=args.full, **options)
         print(report.markdown() + "\n", flush=True)
         if args.out:
             written = report.write(args.out)

@@ -33,10 +33,13 @@ def interleaved_medians(fns: dict, block, repeats: int, warm: bool = True) -> di
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def inputs(backend, n: int, heads: int, d: int = 64, count: int = 4, seed: int = 0):
-    """``count`` float32 arrays ``[1, n, heads, d]`` of the backend (q, k, v, d_out)."""
+def inputs(
+    backend, n: int, heads: int, d: int = 64, count: int = 4, seed: int = 0, dtype="float32"
+):
+    """``count`` arrays ``[1, n, heads, d]`` of the backend (q, k, v, d_out), on its
+    ``array_device``."""
     rng = np.random.default_rng(seed)
-    return [backend.asarray(rng.standard_normal((1, n, heads, d)), "float32") for _ in range(count)]
+    return [backend.asarray(rng.standard_normal((1, n, heads, d)), dtype) for _ in range(count)]
 
 
 def attention_flops(n: int, heads: int, d: int, gradient: bool = False) -> float:
@@ -46,15 +49,21 @@ def attention_flops(n: int, heads: int, d: int, gradient: bool = False) -> float
     return forward * 3.5 if gradient else forward
 
 
-def matmul_rate(backend, size: int = 2048, repeats: int = 10) -> float:
-    """The framework's float32 matmul rate in FLOP/s, on ``[size, size]`` operands.
+def matmul_rate(
+    backend, size: int | None = None, repeats: int = 10, dtype: str = "float32"
+) -> float:
+    """The framework's matmul rate in FLOP/s in ``dtype``, on ``[size, size]`` operands
+    (default: 2048 on a CPU, 8192 on an accelerator, which a smaller product leaves idle).
 
     The fastest of ``repeats`` products, not the median: this is the machine's capability,
     which a busy moment only hides (medians of 5 at the start of a worker read 25% low), and
     the fastest is the stricter yardstick for the percentages measured against it.
     """
+    if size is None:
+        probe = backend.asarray(np.zeros(1), dtype)
+        size = 2048 if backend.platform(probe) == "cpu" else 8192
     rng = np.random.default_rng(0)
-    a, b = (backend.asarray(rng.standard_normal((size, size)), "float32") for _ in "ab")
+    a, b = (backend.asarray(rng.standard_normal((size, size)), dtype) for _ in "ab")
     xp = backend.namespace()
     product = backend.stage(xp.matmul)
     backend.block(product(a, b))  # warm-up
@@ -152,6 +161,12 @@ class Report:
     raw: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     machine: str = field(default_factory=machine)
+
+    def add_device(self, lines: list[dict]) -> None:
+        """Name in :attr:`machine` the device that a worker's ``device`` line reports."""
+        for line in lines:
+            if "device" in line and line["device"] not in self.machine:
+                self.machine += f"; {line['device']}"
 
     def markdown(self) -> str:
         lines = [self.caption, "", "| " + " | ".join(self.columns) + " |"]

@@ -14,6 +14,8 @@ import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 from uniattn._measure import timed_peak
 
 
@@ -59,9 +61,10 @@ def _task_memory(backend, spec) -> None:
     gradient = spec["task"] == "gradient"
     for n in spec["ns"]:
         q, k, v, d_out = inputs(backend, n, heads=1)
+        on_host = backend.platform(q) == "cpu"
         fns = {"uniattn": uniattn.attention, "plain": lambda *a: plain_attention(backend, *a)}
         for impl, fn in fns.items():
-            reason = too_big(n, 1, gradient) if impl == "plain" else None
+            reason = too_big(n, 1, gradient) if impl == "plain" and on_host else None
             if impl == "plain" and gradient and not backend.has_autodiff:
                 reason = f"{backend.name} has no autodiff"
             if reason:
@@ -69,9 +72,15 @@ def _task_memory(backend, spec) -> None:
                 continue
             args = (q, k, v, d_out) if gradient else (q, k, v)
             run = _gradient(backend, fn) if gradient else fn
-            if n == spec["ns"][0] or backend.compiles_per_shape:
-                run = backend.precompile(run, *args)  # later lengths reuse the warm-up
-            seconds, peak = timed_peak(backend, run, args)
+            try:  # an accelerator's memory is not checked ahead: running out is reported
+                if n == spec["ns"][0] or backend.compiles_per_shape:
+                    run = backend.precompile(run, *args)  # later lengths reuse the warm-up
+                seconds, peak = timed_peak(backend, run, args)
+            except Exception as e:
+                if on_host:
+                    raise
+                _emit(n=n, impl=impl, skipped=f"{type(e).__name__}: {e}"[:160])
+                continue
             if seconds < 2:  # cheap enough for a median
                 repeat = {impl: lambda run=run, args=args: run(*args)}
                 seconds = interleaved_medians(repeat, backend.block, spec["repeats"])[impl]
@@ -83,21 +92,24 @@ def _task_speed(backend, spec) -> None:
     from uniattn.bench._common import inputs, interleaved_medians, matmul_rate, too_big
     from uniattn.bench.peers import implementations
 
-    _emit(matmul_flops_per_s=matmul_rate(backend))
-    found = implementations(backend)
+    dtype = spec.get("dtype", "float32")
+    _emit(matmul_flops_per_s=matmul_rate(backend, dtype=dtype))
+    platform = backend.platform(inputs(backend, 1, 1, count=1)[0])
+    found = implementations(backend, platform, dtype)
     for name, fn in found.items():
         if isinstance(fn, str):
             _emit(impl=name, skipped=fn)
     runnable = {name: fn for name, fn in found.items() if not isinstance(fn, str)}
     for n in spec["ns"]:
-        q, k, v, d_out = inputs(backend, n, heads=spec["heads"], d=spec["d"])
+        q, k, v, d_out = inputs(backend, n, heads=spec["heads"], d=spec["d"], dtype=dtype)
         for mode in spec["modes"]:
             gradient = mode == "gradient"
             if gradient and not backend.has_autodiff:
                 continue
             fns = {}
             for name, fn in runnable.items():
-                reason = too_big(n, spec["heads"], gradient) if name in _DENSE else None
+                dense = name in _DENSE and platform == "cpu"  # a GPU's limit: the warm-up's
+                reason = too_big(n, spec["heads"], gradient) if dense else None
                 if reason:
                     _emit(n=n, mode=mode, impl=name, skipped=reason)
                     continue
@@ -154,6 +166,16 @@ def _torch_backward(fn, *args):
     return tuple(x.grad for x in leaves)
 
 
+def _device_name(backend) -> str:
+    """The model of ``backend``'s array device, e.g. "NVIDIA H100 80GB HBM3"."""
+    device = backend.array_device
+    if backend.name == "torch" and device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return str(getattr(device, "device_kind", device))
+
+
 TASKS = {"memory": _task_memory, "speed": _task_speed, "scale": _task_scale}
 
 
@@ -162,6 +184,10 @@ def main() -> None:
 
     spec = json.loads(sys.argv[1])
     backend = backends.load(spec["backend"])
+    if spec.get("device"):
+        backend = backend.on(spec["device"])
+        if backend.platform(backend.asarray(np.zeros(1))) != "cpu":
+            _emit(device=_device_name(backend))
     try:
         TASKS[spec["task_kind"]](backend, spec)
     except Exception as e:  # report, do not hide: the parent prints it in the table

@@ -2,7 +2,9 @@
 
 1 head, d 64, float32, n = 2^8 … 2^16 (2^18 with ``--full``; ``--quick``: 2^8 … 2^12).
 Overhead is peak RSS above the inputs, in a fresh process per backend and task, measured
-the same way for uniattn and plain attention (see :mod:`uniattn._measure`).
+the same way for uniattn and plain attention (see :mod:`uniattn._measure`); on an
+accelerator (``--device``), the peak of the framework's allocator where it keeps one
+(torch's CUDA allocator does; JAX's cannot be reset, so its rows there are empty).
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ def io_bytes(n: int, gradient: bool, d: int = 64) -> int:
     return (8 if gradient else 4) * n * d * 4
 
 
-def run(names, quick: bool = False, full: bool = False, ns: list[int] | None = None) -> Report:
+def run(
+    names,
+    quick: bool = False,
+    full: bool = False,
+    ns: list[int] | None = None,
+    device: str | None = None,
+) -> Report:
     ns = ns or lengths(quick, full)
     report = Report(
         "memory",
@@ -48,7 +56,8 @@ def run(names, quick: bool = False, full: bool = False, ns: list[int] | None = N
     for name in names:
         report.raw["backends"][name] = by_task = {}
         for task in TASKS:
-            spec = {"task_kind": "memory", "backend": name, "task": task, "ns": ns, "repeats": 3}
+            spec = {"task_kind": "memory", "backend": name, "task": task, "ns": ns}
+            spec.update(repeats=3, device=device)
             progress.step(f"{name} {task}")
 
             def seen(line, name=name, task=task):
@@ -57,6 +66,7 @@ def run(names, quick: bool = False, full: bool = False, ns: list[int] | None = N
                     progress.step(f"{name} {task}: n={line['n']} {line.get('impl', '')} done")
 
             lines = _worker.run(spec, seen)
+            report.add_device(lines)
             by_task[task] = lines
             report.rows += _rows(name, task, ns, lines)
     progress.close()

@@ -1,10 +1,11 @@
 """``speed``: uniattn against native attention and peers, forward and forward+backward.
 
-n = 1024 … 16384 (``--quick``: 1024, 2048), 8 heads, d 64, float32, batch 1. Every
+n = 1024 … 16384 (``--quick``: 1024, 2048), 8 heads, d 64, float32 (``--dtype``), batch 1,
+on each framework's default device (``--device``). Every
 implementation runs in one process per backend, in turns (medians of interleaved
 repetitions), each as a user of that framework would call it: JAX jitted, the others
 eager. GFLOP/s counts attention's model FLOPs (see ``attention_flops``); "% matmul" is
-that rate over the framework's own float32 matmul rate measured in the same process.
+that rate over the framework's own matmul rate in that dtype, measured in the same process.
 """
 
 from __future__ import annotations
@@ -20,15 +21,24 @@ def lengths(quick: bool, full: bool = False) -> list[int]:
     return [1024, 2048] if quick else [1024, 2048, 4096, 8192, 16384]
 
 
-def run(names, quick: bool = False, full: bool = False, ns: list[int] | None = None) -> Report:
+def run(
+    names,
+    quick: bool = False,
+    full: bool = False,
+    ns: list[int] | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+) -> Report:
     ns = ns or lengths(quick, full)
+    where = f" on {device}" if device else ""
     report = Report(
         "speed",
-        f"Time of attention, batch 1, {HEADS} heads, d {D}, float32; ratio = time / uniattn's "
-        "time (below 1: faster than uniattn); medians of interleaved repetitions.",
+        f"Time of attention, batch 1, {HEADS} heads, d {D}, {dtype}{where}; ratio = time / "
+        "uniattn's time (below 1: faster than uniattn); medians of interleaved repetitions.",
         ["backend", "mode", "n", "implementation", "ms", "ratio", "GFLOP/s", "% matmul"],
-        raw={"lengths": ns, "heads": HEADS, "d": D, "backends": {}},
+        raw={"lengths": ns, "heads": HEADS, "d": D, "dtype": dtype, "device": device},
     )
+    report.raw["backends"] = {}
     progress = Progress(len(names) * len(ns) * len(MODES), "speed")
     for name in names:
         spec = {
@@ -39,6 +49,8 @@ def run(names, quick: bool = False, full: bool = False, ns: list[int] | None = N
             "d": D,
             "repeats": 3 if quick else 5,
             "modes": list(MODES),
+            "device": device,
+            "dtype": dtype,
         }
         progress.step(f"{name} (starting)")
 
@@ -48,6 +60,7 @@ def run(names, quick: bool = False, full: bool = False, ns: list[int] | None = N
                 progress.step(f"{name} n={line['n']} {line['mode']} done")
 
         lines = _worker.run(spec, seen)
+        report.add_device(lines)
         report.raw["backends"][name] = lines
         report.rows += _rows(name, lines)
     progress.close()
@@ -63,7 +76,7 @@ def run(names, quick: bool = False, full: bool = False, ns: list[int] | None = N
     rates = {name: _matmul_rate(lines) for name, lines in report.raw["backends"].items()}
     measured = [f"{name} {rate / 1e9:.0f}" for name, rate in rates.items() if rate]
     if measured:
-        report.notes.append(f"- float32 matmul rate (GFLOP/s, best of 10): {', '.join(measured)}")
+        report.notes.append(f"- {dtype} matmul rate (GFLOP/s, best of 10): {', '.join(measured)}")
     return report
 
 

@@ -3,6 +3,8 @@
 Forward+backward (NumPy: forward) time over query x key chunk sizes at n 8192 (``--quick``:
 2048), 4 heads, d 64, float32, without a mask and causal; medians of interleaved
 repetitions in one process. The fastest pair over both is the one to make the default.
+``--device`` sweeps on that device, with larger chunks on an accelerator (each chunk is
+a few kernel launches there, whose fixed cost larger chunks spread).
 """
 
 from __future__ import annotations
@@ -12,26 +14,31 @@ import itertools
 from uniattn import backends
 from uniattn.bench._common import Progress, Report, inputs, interleaved_medians, ms
 
-SIZES = (128, 256, 512, 1024)
+SIZES = {"cpu": (128, 256, 512, 1024), "accelerator": (256, 512, 1024, 2048, 4096)}
 
 
-def run(names, quick: bool = False, full: bool = False) -> Report:
+def run(names, quick: bool = False, full: bool = False, device: str | None = None) -> Report:
     import uniattn
 
     n = 2048 if quick else 8192
-    pairs = [(a, b) for a, b in itertools.product(SIZES, SIZES) if a <= b]
+    where = f" on {device}" if device else ""
     report = Report(
         "tune",
-        f"Chunk sizes, n {n}, 4 heads, d 64, float32: forward+backward ms (NumPy: forward), "
-        "without a mask and causal; * marks each backend's current default.",
+        f"Chunk sizes, n {n}, 4 heads, d 64, float32{where}: forward+backward ms (NumPy: "
+        "forward), without a mask and causal; * marks each backend's current default.",
         ["backend", "query chunk", "key chunk", "full ms", "causal ms", "sum ms", "vs best"],
         raw={"n": n, "backends": {}},
     )
     progress = Progress(len(names), "tune")
     for name in names:
-        progress.step(f"{name}: {len(pairs) * 2} settings")
         backend = backends.load(name)
+        backend = backend if device is None else backend.on(device)
         q, k, v, d_out = inputs(backend, n, heads=4)
+        platform = backend.platform(q)
+        sizes = SIZES["cpu" if platform == "cpu" else "accelerator"]
+        pairs = [(a, b) for a, b in itertools.product(sizes, sizes) if a <= b]
+        default = backend.chunk_sizes(backend.device(q), decoding=False)
+        progress.step(f"{name}: {len(pairs) * 2} settings")
 
         def timed(a, b, causal, backend=backend, q=q, k=k, v=v, d_out=d_out):
             kw = dict(query_chunk_size=a, key_chunk_size=b, causal=causal)
@@ -48,7 +55,7 @@ def run(names, quick: bool = False, full: bool = False) -> Report:
             f"{a}x{b}": [seconds[(a, b, False)], seconds[(a, b, True)]] for a, b in pairs
         }
         for a, b in sorted(pairs, key=total.get):
-            mark = "*" if (a, b) == tuple(backend.default_chunks) else ""
+            mark = "*" if (a, b) == default else ""
             report.rows.append(
                 [
                     f"{name}{mark}",
