@@ -145,6 +145,12 @@ class Backend:
         """The kind of device ``x`` lives on, lower case: ``"cpu"``, ``"cuda"``, ``"gpu"``..."""
         return "cpu"
 
+    def array_platform(self) -> str:
+        """:meth:`platform` of the arrays :meth:`asarray` creates."""
+        import numpy as np
+
+        return self.platform(self.asarray(np.zeros(1)))
+
     # -- identification -----------------------------------------------------------------
     def is_array_type(self, tp: type) -> bool:
         """Whether instances of ``tp`` are this framework's arrays."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from uniattn._measure import memory_in_subprocess
@@ -20,8 +19,7 @@ from uniattn._measure import memory_in_subprocess
 def _length(backend) -> int:
     """4096 on a CPU; on an accelerator, whose default chunks are 1024 x 4096 (a quarter
     of the scores at 4096), 16384: there a chunk is 1/64 of the score matrix."""
-    on_host = backend.platform(backend.asarray(np.zeros(1))) == "cpu"
-    return 4096 if on_host else 16384
+    return 4096 if backend.array_platform() == "cpu" else 16384
 
 
 @pytest.fixture(autouse=True)

@@ -73,7 +73,8 @@ def test_on_places_arrays_and_rejects_unknown_devices(name):
     placed = backend.on("cpu")
     assert placed is not backend and backend.array_device is None
     x = placed.asarray(np.arange(3.0), "float32")
-    assert placed.platform(x) == "cpu" and placed.dtype_name(x) == "float32"
+    assert placed.platform(x) == placed.array_platform() == "cpu"
+    assert placed.dtype_name(x) == "float32"
     np.testing.assert_array_equal(placed.to_numpy(x), [0, 1, 2])
     assert "on " in repr(placed)
     with pytest.raises(ValueError, match="device"):

@@ -14,8 +14,6 @@ import sys
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 from uniattn._measure import timed_peak
 
 
@@ -94,7 +92,7 @@ def _task_speed(backend, spec) -> None:
 
     dtype = spec.get("dtype", "float32")
     _emit(matmul_flops_per_s=matmul_rate(backend, dtype=dtype))
-    platform = backend.platform(inputs(backend, 1, 1, count=1)[0])
+    platform = backend.array_platform()
     found = implementations(backend, platform, dtype)
     for name, fn in found.items():
         if isinstance(fn, str):
@@ -186,7 +184,7 @@ def main() -> None:
     backend = backends.load(spec["backend"])
     if spec.get("device"):
         backend = backend.on(spec["device"])
-        if backend.platform(backend.asarray(np.zeros(1))) != "cpu":
+        if backend.array_platform() != "cpu":
             _emit(device=_device_name(backend))
     try:
         TASKS[spec["task_kind"]](backend, spec)
