@@ -170,7 +170,7 @@ def _global_state() -> dict:
     """What a library must not change behind its caller's back, per loaded framework."""
     import warnings
 
-    state = {"numpy errstate": np.geterr(), "warnings filters": len(warnings.filters)}
+    state = {"numpy errstate": np.geterr(), "warnings filters": _own_filters(warnings.filters)}
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
         state |= {
@@ -193,6 +193,17 @@ def _global_state() -> dict:
             "tf soft placement": tf.config.get_soft_device_placement(),
         }
     return state
+
+
+def _own_filters(filters) -> list:
+    """Warning filters, less those for warnings of packages imported since the test began:
+    a framework's lazy import registers its own (torch's checkpoint imports sympy, which
+    adds a "once" filter for SymPyDeprecationWarning), a side effect of the import."""
+    imported_since = {m.partition(".")[0] for m in sys.modules} - _MODULES_AT_START
+    return [f for f in filters if f[2].__module__.partition(".")[0] not in imported_since]
+
+
+_MODULES_AT_START = {m.partition(".")[0] for m in sys.modules}
 
 
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax", "tensorflow"])
