@@ -41,14 +41,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 NEG_INF = float("-inf")
 NAN = float("nan")
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):
     """Static (hashable) options of one call, after validation.
 
     ``left``/``right`` bound the keys a query sees relative to its diagonal (None:
@@ -532,8 +531,9 @@ def differentiable(backend: Any, present: tuple[bool, ...], forward, backward):
     """
 
     def unpack(args):
-        q, k, v, *rest = args
-        return q, k, v, *(rest.pop(0) if p else None for p in present)
+        q, k, v, *given = args
+        given = iter(given)  # not list.pop: Dynamo of torch 2.11 takes `given` for a tuple
+        return q, k, v, *(next(given) if p else None for p in present)
 
     def fwd(*args):
         out, lse = forward(*unpack(args))
