@@ -532,7 +532,7 @@ def differentiable(backend: Any, present: tuple[bool, ...], forward, backward):
 
     def unpack(args):
         q, k, v, *given = args
-        given = iter(given)  # not list.pop: Dynamo of torch 2.11 takes `given` for a tuple
+        given = iter(given)  # not list.pop: a tracer may take a starred target for a tuple
         return q, k, v, *(next(given) if p else None for p in present)
 
     def fwd(*args):
