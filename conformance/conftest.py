@@ -1,9 +1,9 @@
 """Conformance suite: ``pytest conformance --backend=NAME`` (repeatable) ``[--device=NAME]``.
 
 Without ``--backend`` every installed backend is tested; without ``--device``, on each
-framework's default device (``--device cuda``: torch's GPU; JAX names it ``gpu``). Tests that take a ``backend``
-argument run once per selected backend; tests that also take ``case`` and ``dtype`` run
-over the case table in each dtype the backend supports.
+framework's default device (``--device cuda``: torch's GPU; JAX names it ``gpu``). Tests
+that take a ``backend`` argument run once per selected backend; tests that also take
+``case`` and ``dtype`` run over the case table in each dtype the backend supports.
 """
 
 from __future__ import annotations
