@@ -10,7 +10,15 @@ import os
 import pytest
 
 from uniattn.bench import _worker, peers, speed
-from uniattn.bench._common import Progress, Report, attention_flops, machine, ratio, too_big
+from uniattn.bench._common import (
+    Progress,
+    Report,
+    attention_flops,
+    interleaved_medians,
+    machine,
+    ratio,
+    too_big,
+)
 
 
 def test_memory_worker_measures_both_implementations_in_a_fresh_process():
@@ -93,6 +101,18 @@ def test_helpers():
     assert attention_flops(2, 1, 1) == 16 and attention_flops(2, 1, 1, gradient=True) == 56
     assert ratio(3.0, 2.0) == "1.50x" and ratio(None, 1.0) == "—"
     assert too_big(256, 1, False) is None and "GiB" in too_big(2**22, 64, True)
+
+
+@pytest.mark.parametrize("settle", [False, True])
+def test_interleaved_medians_take_turns(settle):
+    """The functions take turns after one warm-up call each; with ``settle`` each timed
+    call follows an untimed call of the same function (so two calls a turn)."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "ab"}
+    seconds = interleaved_medians(fns, lambda x: x, repeats=3, settle=settle)
+    assert set(seconds) == {"a", "b"} and all(t >= 0 for t in seconds.values())
+    turn = ["a", "a", "b", "b"] if settle else ["a", "b"]
+    assert calls == ["a", "b"] + turn * 3
 
 
 def test_torch_gradients_reach_peers_that_checkpoint_reentrantly():

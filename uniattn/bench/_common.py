@@ -19,14 +19,24 @@ MiB = 2**20
 GiB = 2**30
 
 
-def interleaved_medians(fns: dict, block, repeats: int, warm: bool = True) -> dict:
+def interleaved_medians(
+    fns: dict, block, repeats: int, warm: bool = True, settle: bool = False
+) -> dict:
     """Median seconds of each ``block(fn())``, the functions taking turns (after a warm-up
-    call of each, unless ``warm`` is False: the caller has warmed them up)."""
+    call of each, unless ``warm`` is False: the caller has warmed them up).
+
+    With ``settle`` each timed call follows an untimed call of the same function, so none
+    is timed in the wake of another's allocations: the pages a dense peer frees (1.5 GB a
+    call at n 4096, 8 heads) go back to the OS, and the next function faults its buffers in
+    afresh (JAX's forward: 152 ms alone, 191 to 264 ms right after `jax.nn`, 154 to 157 settled).
+    """
     for fn in fns.values() if warm else ():
         block(fn())
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if settle:
+                block(fn())
             start = time.perf_counter()
             block(fn())
             times[name].append(time.perf_counter() - start)

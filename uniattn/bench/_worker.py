@@ -119,7 +119,9 @@ def _task_speed(backend, spec) -> None:
                     _emit(n=n, mode=mode, impl=name, skipped=f"{type(e).__name__}: {e}"[:160])
                     continue
                 fns[name] = lambda staged=staged, args=args: staged(*args)
-            seconds = interleaved_medians(fns, backend.block, spec["repeats"], warm=False)
+            seconds = interleaved_medians(
+                fns, backend.block, spec["repeats"], warm=False, settle=spec.get("settle", True)
+            )
             _emit(n=n, mode=mode, seconds=seconds)
 
 
