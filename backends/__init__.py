@@ -34,6 +34,7 @@ REGISTRY: dict[str, str] = {
 }
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+LOG2_E = 1.4426950408889634  # exp(x) = 2 ** (x * log2(e)): for adapters with a faster exp2
 
 
 def load(name: str) -> Backend:
@@ -281,6 +282,10 @@ class Backend:
         """``exp(s - shift)``, to a few ulp; ``s`` is a temporary the caller never reads
         again, so an adapter may compute it in place where autodiff does not need ``s``."""
         return self.namespace().exp(s - shift)
+
+    def row_sums(self, p: Any) -> Any:
+        """``sum(p, axis=-1, keepdims=True)``: the row sums of a block of probabilities."""
+        return self.namespace().sum(p, axis=-1, keepdims=True)
 
     def cond(self, pred: Any, fast: Callable[..., Any], safe: Callable[..., Any], operands: tuple):
         """``fast(*operands)`` if the 0-d bool ``pred`` holds, else ``safe(*operands)``.

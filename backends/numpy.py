@@ -5,7 +5,7 @@ from __future__ import annotations
 import array_api_compat.numpy as xp
 import numpy as np
 
-from . import Backend, python_fori, python_scan
+from . import LOG2_E, Backend, python_fori, python_scan
 
 
 class NumPyBackend(Backend):
@@ -18,8 +18,18 @@ class NumPyBackend(Backend):
     default_chunks = (512, 512)
 
     def exp_shifted(self, s, shift):
-        s -= shift  # s is a fresh temporary (see Backend.exp_shifted)
-        return np.exp(s, out=s)
+        # In place (s is a fresh temporary, see Backend.exp_shifted) and as exp2, as in the
+        # torch adapter: on an 8 x 512 x 512 block exp2 takes 0.39 ms, exp 0.67, the
+        # scaling pass 0.09 (AVX-512 host). The shift comes first, so that s - shift is
+        # exact near the row maximum, where the weights that matter are.
+        s -= shift
+        s *= LOG2_E
+        return np.exp2(s, out=s)
+
+    def row_sums(self, p):
+        # A product with a column of ones: BLAS runs it on every core, NumPy's reductions
+        # on one (8 x 512 x 512 block: 0.09 ms against np.sum's 0.32).
+        return p @ np.ones((p.shape[-1], 1), dtype=p.dtype)
 
     def is_array_type(self, tp):
         return issubclass(tp, np.ndarray)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 
-from . import Backend, python_fori, python_scan
+from . import LOG2_E, Backend, python_fori, python_scan
 
 # array_api_compat's torch namespace, with torch's own matmul: uniattn only multiplies
 # operands of one dtype, where compat's promotion checks (two ``Tensor.to`` calls a
@@ -19,9 +19,6 @@ xp = types.SimpleNamespace(
     **{name: getattr(compat, name) for name in dir(compat) if not name.startswith("__")}
 )
 xp.matmul = torch.matmul
-
-
-_LOG2_E = 1.4426950408889634  # exp(x) = 2 ** (x * log2(e))
 
 
 def _needs_grad(args):
@@ -138,7 +135,7 @@ class TorchBackend(Backend):
             return torch.exp(s - shift)
         # In place, and as exp2: torch's CPU exp2 takes about half the time of its exp,
         # which is the costliest pass over a score block; the extra scaling pass is cheap.
-        return s.sub_(shift).mul_(_LOG2_E).exp2_()
+        return s.sub_(shift).mul_(LOG2_E).exp2_()
 
     def cond(self, pred, fast, safe, operands):
         if torch.compiler.is_compiling():  # no graph break on a value: always safe

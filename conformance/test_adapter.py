@@ -236,7 +236,7 @@ def test_cond_takes_fast_only_when_the_predicate_holds(backend, how):
 
 def test_exp_shifted(backend):
     """``exp_shifted(s, shift) == exp(s - shift)`` to a few ulp (an adapter may take another
-    route to exp, such as torch's faster exp2), with exact zeros for -inf scores and shifts
+    route to exp, such as torch's and NumPy's faster exp2), with exact zeros for -inf scores and shifts
     of +inf, with and without autodiff watching ``s``."""
     s = backend.asarray(np.array([[0.0, -np.inf, 3.0], [1.0, 2.0, -np.inf]]), "float64")
     shift = backend.asarray(np.array([[3.0], [np.inf]]), "float64")
@@ -249,6 +249,31 @@ def test_exp_shifted(backend):
         np.testing.assert_allclose(backend.to_numpy(out), expected, rtol=rtol, atol=0)
         grad = vjp_fn(out * 0 + 1.0)[0]
         np.testing.assert_allclose(backend.to_numpy(grad), expected, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_row_sums(backend, dtype):
+    """``row_sums(p) == sum(p, axis=-1, keepdims=True)`` to a few ulp of the row's sum (an
+    adapter may sum by a product, as NumPy does), zero rows exactly 0, a NaN entry making
+    its row NaN, and differentiable (each entry's gradient is its row's cotangent)."""
+    rng = np.random.default_rng(0)
+    p_np = rng.uniform(size=(2, 3, 4, 300))
+    p_np[0, 0, 1] = 0.0
+    p_np[1, 2, 3, 7] = np.nan
+    p = backend.asarray(p_np, dtype)
+    want = np.sum(backend.to_numpy(p).astype(np.float64), axis=-1, keepdims=True)
+    out = backend.row_sums(p)
+    assert tuple(out.shape) == (2, 3, 4, 1)
+    got = backend.to_numpy(out).astype(np.float64)
+    assert got[0, 0, 1, 0] == 0.0 and np.isnan(got[1, 2, 3, 0])
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(got, want, rtol=8 * eps, atol=0)
+    if backend.has_autodiff:
+        finite = backend.asarray(np.nan_to_num(p_np), dtype)
+        cotangent = backend.asarray(rng.standard_normal((2, 3, 4, 1)), dtype)
+        grad = backend.vjp(backend.row_sums, finite)[1](cotangent)[0]
+        want_grad = np.broadcast_to(backend.to_numpy(cotangent), p_np.shape)
+        np.testing.assert_array_equal(backend.to_numpy(grad), want_grad)
 
 
 @pytest.mark.parametrize("how", ["eager", "staged", "compiled"])

@@ -354,7 +354,7 @@ def forward(
         m_ref = xp.where(m_new == NEG_INF, 0.0, m_new)  # rows that have seen no key yet
         p = backend.exp_shifted(s, m_ref)
         rescale = xp.exp(m - m_ref)
-        l = l * rescale + xp.sum(p, axis=-1, keepdims=True)
+        l = l * rescale + backend.row_sums(p)
         acc = acc * rescale + xp.matmul(p, v_c)
         return m_new, l, acc
 
