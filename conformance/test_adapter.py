@@ -236,8 +236,8 @@ def test_cond_takes_fast_only_when_the_predicate_holds(backend, how):
 
 def test_exp_shifted(backend):
     """``exp_shifted(s, shift) == exp(s - shift)`` to a few ulp (an adapter may take another
-    route to exp, such as torch's and NumPy's faster exp2), with exact zeros for -inf scores and shifts
-    of +inf, with and without autodiff watching ``s``."""
+    route to exp, such as torch's and NumPy's faster exp2), with exact zeros for -inf scores
+    and shifts of +inf, with and without autodiff watching ``s``."""
     s = backend.asarray(np.array([[0.0, -np.inf, 3.0], [1.0, 2.0, -np.inf]]), "float64")
     shift = backend.asarray(np.array([[3.0], [np.inf]]), "float64")
     expected = np.exp(backend.to_numpy(s) - backend.to_numpy(shift))

@@ -120,7 +120,7 @@ def _task_speed(backend, spec) -> None:
                     continue
                 fns[name] = lambda staged=staged, args=args: staged(*args)
             seconds = interleaved_medians(
-                fns, backend.block, spec["repeats"], warm=False, settle=spec.get("settle", True)
+                fns, backend.block, spec["repeats"], warm=False, settle=True
             )
             _emit(n=n, mode=mode, seconds=seconds)
 
