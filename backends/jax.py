@@ -99,7 +99,13 @@ class JaxBackend(Backend):
     def matmul_transposed(self, a, b):
         # A dot_general contracting both last axes: XLA would copy a transposed b (one
         # copy of every key chunk per row block) to feed matmul(a, matrix_transpose(b)).
-        return jnp.einsum("...qd,...kd->...qk", a, b)
+        # Its batch axes flattened to one: with the canonical layout's unit axes among
+        # them, XLA laid the product out with those axes permuted, then copied every
+        # score block into the layout its consumers want (one more pass over it).
+        if a.shape[:-2] != b.shape[:-2]:
+            return jnp.einsum("...qd,...kd->...qk", a, b)
+        flat = [x.reshape(-1, *x.shape[-2:]) for x in (a, b)]
+        return jnp.einsum("bqd,bkd->bqk", *flat).reshape(*a.shape[:-1], b.shape[-2])
 
     def cond(self, pred, fast, safe, operands):
         # Always safe: uniattn's safe branches are elementwise passes that XLA fuses into
