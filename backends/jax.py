@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,7 +106,7 @@ class JaxBackend(Backend):
         # score block into the layout its consumers want (one more pass over it).
         if a.shape[:-2] != b.shape[:-2]:
             return jnp.einsum("...qd,...kd->...qk", a, b)
-        flat = [x.reshape(-1, *x.shape[-2:]) for x in (a, b)]
+        flat = [x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:]) for x in (a, b)]
         return jnp.einsum("bqd,bkd->bqk", *flat).reshape(*a.shape[:-1], b.shape[-2])
 
     def cond(self, pred, fast, safe, operands):

@@ -111,6 +111,34 @@ def test_non_finite_input_affects_only_rows_that_attend_it(backend, where, value
     assert_gradients_close(got, want, "float64", what="custom gradients", repro=repro)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+def test_non_finite_value_with_zero_width_keys(backend, value):
+    """Queries and keys of width 0 (every score 0) have no entry to carry a value's NaN
+    into the scores: the rows that attend that value still turn NaN, the others do not,
+    and the custom gradients stay finite."""
+    rng = np.random.default_rng(4)
+    q, k = np.zeros((2, Q_LEN, HEADS, 0)), np.zeros((2, KV_LEN, HEADS, 0))
+    v = rng.standard_normal((2, KV_LEN, HEADS, D))
+    v[:, BAD_KEY, BAD_HEAD, 3] = value
+    kwargs = dict(causal=True, **CHUNKS)
+    arrays = _to(backend, {"query": q, "key": k, "value": v}, "float64")
+    out, lse = uniattn.attention(*arrays.values(), return_lse=True, **kwargs)
+    expected, expected_lse = reference.attention(q, k, v, return_lse=True, causal=True)
+    out, lse = backend.to_numpy(out), backend.to_numpy(lse)
+    affected = np.isnan(expected).any(axis=-1)
+    assert affected.any() and not affected.all()  # the case exercises the rule
+    assert np.array_equal(np.isnan(out).any(axis=-1), affected)
+    assert np.isnan(out[affected]).all() and np.isnan(np.moveaxis(lse, -1, -2)[affected]).all()
+    assert_close(out[~affected], expected[~affected], "float64", what="unaffected rows")
+    seen = np.isfinite(expected_lse)
+    assert_close(lse[seen], expected_lse[seen], "float64", what="lse of unaffected rows")
+    d_out = rng.standard_normal(out.shape)
+    grads = uniattn.vjp(*arrays.values(), **kwargs)[1](backend.asarray(d_out, "float64"))
+    dq, dk, dv = (backend.to_numpy(g) for g in grads)
+    assert dq.shape == q.shape and dk.shape == k.shape and np.isfinite(dv).all()
+    assert_close(dv, reference.vjp(q, k, v, d_out, causal=True).dv, "float64", what="dv")
+
+
 @pytest.mark.parametrize("scale", [1e2, 1e4])
 @pytest.mark.parametrize("backward", ["custom", "autodiff"])
 def test_huge_logits_stay_finite(backend, scale, backward):

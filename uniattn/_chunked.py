@@ -342,8 +342,13 @@ def forward(
         zero = _connected_zero(xp, c.acc_dtype, q, k, v, bias)
         out = c.zeros((*q.shape[:-1], d_v)) + zero
         return out, xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device) + zero
-    k, v = c.isolated_keys(c.lift(k), c.lift(v))
-    q, bias, mask = c.lift(c.fold(q)), c.lift(c.fold(bias)), c.fold(mask)
+    q, k, v = c.lift(c.fold(q)), c.lift(k), c.lift(v)
+    if k.shape[-1] == 0:
+        # Zero-width keys: a zero column in q and k (the scores stay 0), so that a key
+        # whose value is not finite has an entry for isolated_keys to make NaN.
+        q, k = (xp.concat((x, c.zeros((*x.shape[:-1], 1))), axis=-1) for x in (q, k))
+    k, v = c.isolated_keys(k, v)
+    bias, mask = c.lift(c.fold(bias)), c.fold(mask)
 
     def update(m, l, acc, q_c, k_c, v_c, bias_c, mask_c, r_index, k_index, *, masked):
         """Fold one key chunk into the running (max, sum, accumulator) of a row block;

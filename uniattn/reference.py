@@ -126,10 +126,12 @@ class _Rules:
 
 def _forward(query, key, value, rules, scale, layout):
     q, k, v, groups = _to_bhtd(query, key, value, layout)
-    q, k, v = _isolated(q, k, v)
+    q, k, v, rows_ok, keys_ok = _isolated(q, k, v)
     k, v = np.repeat(k, groups, axis=-3), np.repeat(v, groups, axis=-3)
+    keys_ok = np.swapaxes(np.repeat(keys_ok, groups, axis=-3), -1, -2)
     with np.errstate(invalid="ignore"):
         s, allowed = rules.apply(_scale(scale, q.shape[-1]) * (q @ np.swapaxes(k, -1, -2)))
+    s = np.where(rows_ok & keys_ok, s, np.nan)
     s = np.where(allowed, s, -np.inf)
     m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
     m = np.where(np.isneginf(m), 0.0, m)
@@ -145,14 +147,17 @@ def _forward(query, key, value, rules, scale, layout):
 
 
 def _isolated(q, k, v):
-    """A query, key or value with a NaN or inf entry: NaN query row or key (exactly the
-    rows that attend it turn NaN) and zero value (rows that do not attend it: unaffected)."""
+    """Queries, keys and values with every non-finite entry 0, and which query rows
+    ``[..., q_len, 1]`` and keys ``[..., kv_len, 1]`` had none: a query row or key
+    (key or value) with a NaN or inf entry gets NaN scores, which turn NaN exactly the rows
+    that attend it (zero-width keys included); its value, 0, leaves the others unaffected."""
 
     def finite(x):
         return np.all(np.isfinite(x), axis=-1, keepdims=True)
 
-    key_ok = finite(k) & finite(v)
-    return np.where(finite(q), q, np.nan), np.where(key_ok, k, np.nan), np.where(key_ok, v, 0.0)
+    rows_ok, keys_ok = finite(q), finite(k) & finite(v)
+    zeroed = (np.where(np.isfinite(x), x, 0.0) for x in (q, k, v))
+    return (*zeroed, rows_ok, keys_ok)
 
 
 def _scale(scale, d_k):
