@@ -137,6 +137,10 @@ class Namespace:
         return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
 
     @staticmethod
+    def abs(x, /):
+        return tf.abs(x)
+
+    @staticmethod
     def exp(x, /):
         return tf.exp(x)
 
