@@ -110,10 +110,18 @@ class JaxBackend(Backend):
         return jnp.einsum("bqd,bkd->bqk", *flat).reshape(*a.shape[:-1], b.shape[-2])
 
     def cond(self, pred, fast, safe, operands):
-        # Always safe: uniattn's safe branches are elementwise passes that XLA fuses into
-        # their consumers, while lax.cond would materialise its operands (at n 16384 that
-        # cost a third more memory than the whole forward needs).
-        return safe(*operands)
+        # Operands travel flat, behind a barrier: XLA would otherwise move their reshapes
+        # into the branches, lay the canonical layout's unit axes out permuted, and copy
+        # each operand into every branch (a 32k cache: 128 MiB per operand per call).
+        flat = jax.lax.optimization_barrier(jax.tree.map(lambda x: x.reshape(-1), operands))
+
+        def unflattened(branch):
+            def run(*parts):
+                return branch(*jax.tree.map(lambda p, x: p.reshape(x.shape), parts, operands))
+
+            return run
+
+        return jax.lax.cond(pred, unflattened(fast), unflattened(safe), *flat)
 
     def custom_vjp(self, fwd, bwd):
         f = jax.custom_vjp(lambda *args: fwd(*args)[0])

@@ -96,16 +96,22 @@ def test_jax_without_x64(tmp_path):
     assert err < 1e-5
 
 
+@pytest.mark.parametrize("garbage", ["non-finite", "huge"])
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax", "tensorflow"])
-def test_garbage_in_padded_keys_stays_out(framework):
-    """NaN and inf in keys and values past ``key_lengths`` change nothing: not the output,
-    not the gradients (a masked key's zero probability times NaN would be NaN)."""
+def test_garbage_in_padded_keys_stays_out(framework, garbage):
+    """Garbage in keys and values past ``key_lengths`` changes nothing: not the output, not
+    the gradients. NaN and inf send the call down its safe branch, which zeroes the padding
+    (a masked key's zero probability times NaN would be NaN); huge finite values take the
+    fast branch, which leaves the padding as it is (zero times a finite value is 0)."""
     backend = _backend(framework)
     rng = np.random.default_rng(0)
     q, k, v, d_out = (rng.standard_normal((2, 9, 2, 4)).astype(np.float32) for _ in range(4))
     lengths = np.array([6, 9])
     dirty_k, dirty_v = k.copy(), v.copy()
-    dirty_k[0, 6:], dirty_v[0, 6:] = np.inf, np.nan
+    if garbage == "non-finite":
+        dirty_k[0, 6:], dirty_v[0, 6:] = np.inf, np.nan
+    else:  # finite, and so are their sums: scores of about 1e30 where the padding is
+        dirty_k[0, 6:], dirty_v[0, 6:] = 1e30, -1e30
 
     def run(k, v):
         arrays = [backend.asarray(x, "float32") for x in (q, k, v, d_out)]

@@ -29,6 +29,10 @@ block can see, and row blocks that see none of a key chunk, are never computed. 
 loop runs in bands (:func:`_bands`): partly masked chunks at the edges, and between them
 chunks every row sees whole, computed without the structural mask.
 
+**Non-finite inputs** (:meth:`_Context.isolated_keys`): each call branches once
+(``Backend.cond``). Inputs whose entries are all finite, padding included, take the
+algorithm as it is; the others first zero the padding and isolate non-finite keys and rows.
+
 Only one ``q_chunk x k_chunk`` block of scores per head exists at a time. Loops,
 rematerialisation, ``stop_gradient``, ``cond``, ``chunks`` (how a loop body holds stacked
 chunks), the block accumulator (``blocks``, ``add_block``, ``stacked``), the score product
@@ -122,8 +126,16 @@ class _Context:
         """``x`` in the accumulation dtype (float32, or float64 for float64 inputs)."""
         return None if x is None else self.xp.astype(x, self.acc_dtype, copy=False)
 
+    def all_finite(self, *arrays):
+        """Whether every entry of ``arrays`` (padding included) is finite, as a 0-d bool:
+        one sum per array. A sum of finite values that overflows only costs the safe
+        branch."""
+        xp = self.xp
+        return xp.isfinite(sum(xp.sum(x) for x in arrays))
+
     def isolated_keys(self, k, v):
-        """``k``, ``v`` with padded keys zeroed and non-finite keys isolated (forward).
+        """``k``, ``v`` with padded keys zeroed and non-finite keys isolated: the forward's
+        safe branch (finite inputs need neither, see :func:`forward`).
 
         Padding past ``key_lengths`` may hold anything (NaN, inf), and a masked key's zero
         weight times NaN would still be NaN, so padded keys and values become 0. A key or
@@ -131,37 +143,30 @@ class _Context:
         (masking replaces its scores with -inf everywhere else): such a key becomes all
         NaN and its value 0, so that ``p @ v`` of the rows that do not attend it stays
         finite. Query rows get the same treatment per block (:meth:`isolated_rows`).
-        Finite inputs, found by two sums, skip the isolating passes.
         """
-        return self._unpadded_then(_isolate_non_finite_keys, k, v)
+        return _isolate_non_finite_keys(self.xp, *self._unpadded(k, v))
 
     def isolated_rows(self, q_c):
         """A block of query rows, each row with a non-finite entry all NaN (see
-        :meth:`isolated_keys`); a finite block, found by a sum, skips the pass. Per block,
-        not once for all of q: JAX takes the safe branch, which it fuses per block but
-        would materialise as one more q-sized buffer outside the loop."""
-        (q_c,) = self._unless_finite(lambda xp, q: (_isolate_rows(xp, q),), (q_c,))
-        return q_c
+        :meth:`isolated_keys`). Per block, not once for all of q: XLA fuses it into the
+        block's first use, where for all of q it would be one more n·d buffer."""
+        return _isolate_rows(self.xp, q_c)
 
     def zeroed(self, q, k, v):
-        """``q``, ``k``, ``v`` with padded keys and every non-finite entry 0 (backward)."""
-        k, v, q = self._unpadded_then(_zero_non_finite, k, v, q)
-        return q, k, v
+        """``q``, ``k``, ``v`` with padded keys and every non-finite entry 0 (backward),
+        unless all of them are finite: finite padding gets zero weight, hence adds 0."""
+        return self.backend.cond(self.all_finite(q, k, v), _same_arrays, self._zero, (q, k, v))
 
-    def _unpadded_then(self, safe, k, v, *others):
+    def _zero(self, q, k, v):
+        return _zero_non_finite(self.xp, q, *self._unpadded(k, v))
+
+    def _unpadded(self, k, v):
+        """``k``, ``v`` with the keys past ``key_lengths`` 0."""
         xp = self.xp
         if self.k_lengths is not None:
             inside = xp.reshape(self._arange(0, self.kv_len), (-1, 1)) < self.k_lengths
             k, v = xp.where(inside, k, 0.0), xp.where(inside, v, 0.0)
-        return self._unless_finite(safe, (k, v, *others))
-
-    def _unless_finite(self, safe, arrays: tuple) -> tuple:
-        """``arrays`` if their entries are all finite, else ``safe(xp, *arrays)``; one sum
-        per array decides (``Backend.cond``)."""
-        xp = self.xp
-        # An overflowing sum of finite values only costs the safe passes.
-        finite = xp.isfinite(sum(xp.sum(x) for x in arrays))
-        return self.backend.cond(finite, lambda *x: x, functools.partial(safe, xp), arrays)
+        return k, v
 
     def indexed(self, split: _Split) -> _Split:
         """``split`` as a loop body indexes it by its loop's index (``Backend.chunks``)."""
@@ -347,8 +352,24 @@ def forward(
         # Zero-width keys: a zero column in q and k (the scores stay 0), so that a key
         # whose value is not finite has an entry for isolated_keys to make NaN.
         q, k = (xp.concat((x, c.zeros((*x.shape[:-1], 1))), axis=-1) for x in (q, k))
-    k, v = c.isolated_keys(k, v)
     bias, mask = c.lift(c.fold(bias)), c.fold(mask)
+    # One branch per call: finite inputs (padding included) skip the isolating passes,
+    # which copy k and v: as much memory traffic as all the rest of a decoding step.
+    return backend.cond(
+        c.all_finite(q, k, v),
+        functools.partial(_attend, c, isolate=False, remat=remat),
+        functools.partial(_attend, c, isolate=True, remat=remat),
+        (q, k, v, bias, mask),
+    )
+
+
+def _attend(c: _Context, q, k, v, bias, mask, *, isolate: bool, remat: bool):
+    """:func:`forward` of prepared operands; ``isolate`` applies the rules for non-finite
+    entries and padding (:meth:`_Context.isolated_keys`), which finite inputs do not need."""
+    backend, options, xp = c.backend, c.options, c.xp
+    d_v = v.shape[-1]
+    if isolate:
+        k, v = c.isolated_keys(k, v)
 
     def update(m, l, acc, q_c, k_c, v_c, bias_c, mask_c, r_index, k_index, *, masked):
         """Fold one key chunk into the running (max, sum, accumulator) of a row block;
@@ -366,7 +387,7 @@ def forward(
     def row_block(q_c, bias_c, mask_c, r_index, k_stack, v_stack):
         """Output and logsumexp of one block of rows against every key it can see."""
         # Scaled per block: a scaled copy of all of q would be one more n·d buffer.
-        q_c = c.isolated_rows(q_c) * options.scale
+        q_c = (c.isolated_rows(q_c) if isolate else q_c) * options.scale
         by_key = (_split(xp, bias_c, -1, c.keys), _split(xp, mask_c, -1, c.keys))
         rows = q_c.shape[:-1]
         # Connected to the inputs even if no key chunk is visible (no loop trip runs).
@@ -644,6 +665,10 @@ def _isolate_non_finite_keys(xp, k, v):
     """NaN keys where k or v has a non-finite entry, and such values 0."""
     key_ok = xp.logical_and(_finite_rows(xp, k), _finite_rows(xp, v))
     return xp.where(key_ok, k, NAN), xp.where(key_ok, v, 0.0)
+
+
+def _same_arrays(*arrays):
+    return arrays
 
 
 def _zero_non_finite(xp, *arrays):
