@@ -82,6 +82,10 @@ def python_fori(lower: Any, upper: Any, body: Callable, init: Any) -> Any:
     return carry
 
 
+def _same(*arrays):
+    return arrays
+
+
 class Backend:
     """What uniattn needs from a framework.
 
@@ -295,6 +299,17 @@ class Backend:
         branches in Python (eager frameworks).
         """
         return fast(*operands) if bool(pred) else safe(*operands)
+
+    def cond_call(
+        self, pred: Any, fn: Callable[..., Any], sanitize: Callable[..., tuple], operands: tuple
+    ):
+        """``fn(*operands)`` if the 0-d bool ``pred`` holds, else ``fn(*sanitize(*operands))``.
+
+        The default branches on the operands alone (:meth:`cond`), so a graph holds ``fn``
+        once; an adapter whose conditional copies the results it passes on (XLA) branches
+        around ``fn`` instead.
+        """
+        return fn(*self.cond(pred, _same, sanitize, operands))
 
     def custom_vjp(
         self,

@@ -123,6 +123,11 @@ class JaxBackend(Backend):
 
         return jax.lax.cond(pred, unflattened(fast), unflattened(safe), *flat)
 
+    def cond_call(self, pred, fn, sanitize, operands):
+        # Around fn: branching on the operands alone would return them as new buffers,
+        # copies of all of a decoding step's cache.
+        return self.cond(pred, fn, lambda *args: fn(*sanitize(*args)), operands)
+
     def custom_vjp(self, fwd, bwd):
         f = jax.custom_vjp(lambda *args: fwd(*args)[0])
         f.defvjp(fwd, lambda res, g: tuple(bwd(res, g)))

@@ -342,10 +342,6 @@ class TensorFlowBackend(Backend):
         return tf.stop_gradient(x)
 
     def cond(self, pred, fast, safe, operands):
-        if not tf.executing_eagerly() and _watched(_leaves(operands)):
-            # A tape in a graph: the gradient of a cond around tf.while_loops reads the
-            # loops' intermediates through FakeParam ops, which XLA cannot compile.
-            return safe(*operands)
         return tf.cond(pred, lambda: fast(*operands), lambda: safe(*operands))
 
     def custom_vjp(self, fwd, bwd):

@@ -4,6 +4,8 @@ compiled."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -232,6 +234,27 @@ def test_cond_takes_fast_only_when_the_predicate_holds(backend, how):
     if backend.has_autodiff:
         _, vjp_fn = backend.vjp(lambda x: g(x)[0], xs)
         np.testing.assert_array_equal(backend.to_numpy(vjp_fn(xs * 0 + 1.0)[0]), [2, 2, 2, 2])
+
+
+@pytest.mark.parametrize("how", ["eager", "staged", "compiled"])
+def test_cond_call_sanitizes_only_when_the_predicate_fails(backend, how):
+    """``cond_call(pred, fn, sanitize, operands)``: ``fn(*operands)`` where pred holds,
+    ``fn(*sanitize(*operands))`` where it does not (torch.compile may always sanitize, which
+    this ``sanitize`` makes harmless where pred holds); gradients flow through either."""
+    xs = _arange(backend, 4)
+    xp = backend.namespace()
+
+    def f(x, fix):
+        return backend.cond_call(
+            xp.sum(x) < 100.0, lambda a, b: (a * 2.0 + b,), lambda a, b: (a * fix, b), (x, x)
+        )
+
+    fixed, harmless = (_run(backend, how, functools.partial(f, fix=fix)) for fix in (0.0, 1.0))
+    np.testing.assert_array_equal(backend.to_numpy(harmless(xs)[0]), [0, 3, 6, 9])  # pred holds
+    np.testing.assert_array_equal(backend.to_numpy(fixed(xs * 50.0)[0]), [0, 50, 100, 150])
+    if backend.has_autodiff:
+        _, vjp_fn = backend.vjp(lambda x: fixed(x * 50.0)[0], xs)
+        np.testing.assert_array_equal(backend.to_numpy(vjp_fn(xs * 0 + 1.0)[0]), [50] * 4)
 
 
 def test_exp_shifted(backend):

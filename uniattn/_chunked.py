@@ -29,8 +29,8 @@ block can see, and row blocks that see none of a key chunk, are never computed. 
 loop runs in bands (:func:`_bands`): partly masked chunks at the edges, and between them
 chunks every row sees whole, computed without the structural mask.
 
-**Non-finite inputs** (:meth:`_Context.isolated_keys`): each call branches once
-(``Backend.cond``). Inputs whose entries are all finite, padding included, take the
+**Non-finite inputs** (:meth:`_Context.isolated`): each call branches once
+(``Backend.cond_call``). Inputs whose entries are all finite, padding included, take the
 algorithm as it is; the others first zero the padding and isolate non-finite keys and rows.
 
 Only one ``q_chunk x k_chunk`` block of scores per head exists at a time. Loops,
@@ -133,24 +133,19 @@ class _Context:
         xp = self.xp
         return xp.isfinite(sum(xp.sum(x) for x in arrays))
 
-    def isolated_keys(self, k, v):
-        """``k``, ``v`` with padded keys zeroed and non-finite keys isolated: the forward's
-        safe branch (finite inputs need neither, see :func:`forward`).
+    def isolated(self, q, k, v, bias, mask):
+        """The forward's operands with padded keys zeroed and non-finite rows and keys
+        isolated: its safe branch (finite inputs need neither, see :func:`forward`).
 
         Padding past ``key_lengths`` may hold anything (NaN, inf), and a masked key's zero
         weight times NaN would still be NaN, so padded keys and values become 0. A key or
         value with a NaN or inf entry must turn NaN exactly the rows that attend it
         (masking replaces its scores with -inf everywhere else): such a key becomes all
         NaN and its value 0, so that ``p @ v`` of the rows that do not attend it stays
-        finite. Query rows get the same treatment per block (:meth:`isolated_rows`).
+        finite. A query row with a non-finite entry becomes all NaN.
         """
-        return _isolate_non_finite_keys(self.xp, *self._unpadded(k, v))
-
-    def isolated_rows(self, q_c):
-        """A block of query rows, each row with a non-finite entry all NaN (see
-        :meth:`isolated_keys`). Per block, not once for all of q: XLA fuses it into the
-        block's first use, where for all of q it would be one more n·d buffer."""
-        return _isolate_rows(self.xp, q_c)
+        k, v = _isolate_non_finite_keys(self.xp, *self._unpadded(k, v))
+        return _isolate_rows(self.xp, q), k, v, bias, mask
 
     def zeroed(self, q, k, v):
         """``q``, ``k``, ``v`` with padded keys and every non-finite entry 0 (backward),
@@ -350,26 +345,19 @@ def forward(
     q, k, v = c.lift(c.fold(q)), c.lift(k), c.lift(v)
     if k.shape[-1] == 0:
         # Zero-width keys: a zero column in q and k (the scores stay 0), so that a key
-        # whose value is not finite has an entry for isolated_keys to make NaN.
+        # whose value is not finite has an entry for `isolated` to make NaN.
         q, k = (xp.concat((x, c.zeros((*x.shape[:-1], 1))), axis=-1) for x in (q, k))
     bias, mask = c.lift(c.fold(bias)), c.fold(mask)
-    # One branch per call: finite inputs (padding included) skip the isolating passes,
-    # which copy k and v: as much memory traffic as all the rest of a decoding step.
-    return backend.cond(
-        c.all_finite(q, k, v),
-        functools.partial(_attend, c, isolate=False, remat=remat),
-        functools.partial(_attend, c, isolate=True, remat=remat),
-        (q, k, v, bias, mask),
-    )
+    # Finite inputs (padding included) skip the isolating passes, which copy k and v: as
+    # much memory traffic as all the rest of a decoding step.
+    attend = functools.partial(_attend, c, remat=remat)
+    return backend.cond_call(c.all_finite(q, k, v), attend, c.isolated, (q, k, v, bias, mask))
 
 
-def _attend(c: _Context, q, k, v, bias, mask, *, isolate: bool, remat: bool):
-    """:func:`forward` of prepared operands; ``isolate`` applies the rules for non-finite
-    entries and padding (:meth:`_Context.isolated_keys`), which finite inputs do not need."""
+def _attend(c: _Context, q, k, v, bias, mask, *, remat: bool):
+    """:func:`forward` of prepared operands, finite or isolated (:meth:`_Context.isolated`)."""
     backend, options, xp = c.backend, c.options, c.xp
     d_v = v.shape[-1]
-    if isolate:
-        k, v = c.isolated_keys(k, v)
 
     def update(m, l, acc, q_c, k_c, v_c, bias_c, mask_c, r_index, k_index, *, masked):
         """Fold one key chunk into the running (max, sum, accumulator) of a row block;
@@ -387,7 +375,7 @@ def _attend(c: _Context, q, k, v, bias, mask, *, isolate: bool, remat: bool):
     def row_block(q_c, bias_c, mask_c, r_index, k_stack, v_stack):
         """Output and logsumexp of one block of rows against every key it can see."""
         # Scaled per block: a scaled copy of all of q would be one more n·d buffer.
-        q_c = (c.isolated_rows(q_c) if isolate else q_c) * options.scale
+        q_c = q_c * options.scale
         by_key = (_split(xp, bias_c, -1, c.keys), _split(xp, mask_c, -1, c.keys))
         rows = q_c.shape[:-1]
         # Connected to the inputs even if no key chunk is visible (no loop trip runs).
@@ -444,7 +432,7 @@ def backward(
     if c.empty:
         grads = (q, k, v, bias)
         return tuple(None if g is None else xp.zeros_like(g) for g in grads)
-    # Rows whose output is NaN (they attend a non-finite input, see _Context.isolated_keys)
+    # Rows whose output is NaN (they attend a non-finite input, see _Context.isolated)
     # are constants here: they contribute nothing, so every other gradient stays exact.
     affected = xp.logical_not(xp.logical_or(xp.isfinite(lse), lse == NEG_INF))
     q, k, v = c.zeroed(c.lift(c.fold(q)), c.lift(k), c.lift(v))
@@ -657,7 +645,7 @@ def _finite_rows(xp, x):
 
 
 def _isolate_rows(xp, q):
-    """Query rows with a non-finite entry, all NaN (see :meth:`_Context.isolated_keys`)."""
+    """Query rows with a non-finite entry, all NaN (see :meth:`_Context.isolated`)."""
     return xp.where(_finite_rows(xp, q), q, NAN)
 
 
