@@ -150,7 +150,7 @@ class _Context:
     def zeroed(self, q, k, v):
         """``q``, ``k``, ``v`` with padded keys and every non-finite entry 0 (backward),
         unless all of them are finite: finite padding gets zero weight, hence adds 0."""
-        return self.backend.cond(self.all_finite(q, k, v), _same_arrays, self._zero, (q, k, v))
+        return self.backend.cond(self.all_finite(q, k, v), lambda *a: a, self._zero, (q, k, v))
 
     def _zero(self, q, k, v):
         return _zero_non_finite(self.xp, q, *self._unpadded(k, v))
@@ -653,10 +653,6 @@ def _isolate_non_finite_keys(xp, k, v):
     """NaN keys where k or v has a non-finite entry, and such values 0."""
     key_ok = xp.logical_and(_finite_rows(xp, k), _finite_rows(xp, v))
     return xp.where(key_ok, k, NAN), xp.where(key_ok, v, 0.0)
-
-
-def _same_arrays(*arrays):
-    return arrays
 
 
 def _zero_non_finite(xp, *arrays):
