@@ -137,6 +137,10 @@ class Namespace:
         return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
 
     @staticmethod
+    def vecdot(x1, x2, /, *, axis=-1):
+        return tf.reduce_sum(x1 * x2, axis=axis)
+
+    @staticmethod
     def abs(x, /):
         return tf.abs(x)
 

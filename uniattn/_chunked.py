@@ -440,10 +440,12 @@ def backward(
     bias, mask = c.lift(c.fold(bias)), c.fold(mask)
     affected = c.fold(affected[..., None])
     d_out = xp.where(affected, 0.0, c.lift(c.fold(d_out)))
-    out = xp.where(affected, 0.0, c.lift(c.fold(out)))
-    delta = xp.sum(d_out * out, axis=-1, keepdims=True)  # Δ = rowsum(dO ∘ O)
+    # Δ = rowsum(dO ∘ O) as a product: XLA on CPU runs a multiply-and-sum over the last
+    # axis with five n·d buffers of its own, outside what memory_analysis() reports.
+    delta = xp.vecdot(d_out, c.lift(c.fold(out)))[..., None]
     if d_lse is not None:  # d lse / d S = P, so d_lse joins Δ
-        delta = delta - xp.where(affected, 0.0, c.fold(c.lift(d_lse)[..., None]))
+        delta = delta - c.fold(c.lift(d_lse)[..., None])
+    delta = xp.where(affected, 0.0, delta)  # the output is NaN there
     # P = exp(S - lse) is 0 on rows that see no key (lse -inf) and on affected rows.
     lse = c.fold(lse[..., None])
     lse = xp.where(affected, float("inf"), xp.where(lse == NEG_INF, 0.0, lse))
