@@ -49,3 +49,16 @@ def test_gradient_memory_is_below_the_score_matrix(backend):
     assert peak["custom"] < one_matrix / 2, peak
     if "plain" in peak:
         assert peak["plain"] > one_matrix, peak
+
+
+def test_eager_decoding_step_holds_no_copy_of_the_cache(backend):
+    """One eager decoding step (BHTD) from a cache of 16384 keys takes less extra memory
+    than a quarter of the cache (k and v). This caught JAX copying the cache in the layout
+    changes made outside its compiled function (72 MiB above a 64 MiB cache)."""
+    device = None if backend.array_device is None else str(backend.array_device)
+    n = 16384
+    peak = memory_in_subprocess(backend.name, n, "decode", device)["uniattn"]
+    if peak is None:
+        pytest.skip(f"{backend.name} keeps no allocator statistics on {device}: not measured")
+    cache = 2 * 8 * n * 64 * 4  # k and v, float32
+    assert peak < cache / 4, (peak, cache)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -134,12 +133,13 @@ def attention(
         backward=backward,
         return_lse=return_lse,
     )
-    with call.backend.device_scope(call.arrays[0]):
+    backend, options, layout = call.backend, call.options, call.layout
+    with backend.device_scope(call.arrays[0]):
         if backward == "custom":
-            out, lse = _staged_custom(call.backend, call.options, call.present)(*call.given)
+            out, lse = _staged_custom(backend, options, layout, call.present)(*call.given)
         else:
-            out, lse = _staged_forward(call.backend, call.options, True)(*call.arrays)
-        return call.restore_result(out, lse)
+            out, lse = _staged_forward(backend, options, layout, True)(*call.arrays)
+        return call.result(out, lse)
 
 
 def vjp(
@@ -202,56 +202,87 @@ def vjp(
 
         return backend.vjp(fn, *primals)
     with backend.device_scope(call.arrays[0]):
-        out, lse = _staged_forward(backend, call.options, False)(*call.arrays)
-        result = call.restore_result(out, lse)
+        out, lse = _staged_forward(backend, call.options, call.layout, False)(*call.arrays)
+        result = call.result(out, lse)
 
     def vjp_fn(cotangent):
         d_out, d_lse = cotangent if call.return_lse else (cotangent, None)
-        d_out, d_lse = call.canonical_cotangents(d_out, d_lse)
+        d_out, d_lse = call.checked_cotangents(d_out, d_lse)
+        staged = _staged_backward(backend, call.options, call.layout)
         with backend.device_scope(call.arrays[0]):
-            grads = _staged_backward(backend, call.options)(*call.arrays, out, lse, d_out, d_lse)
-            return call.restore_gradients(grads)
+            grads = staged(*call.arrays, out, lse, d_out, d_lse)
+        return tuple(g for g in grads if g is not None)  # d_bias only for an array bias
 
     return result, vjp_fn
 
 
+# The staged functions take and return arrays in the user's layout and do the layout
+# changes themselves: outside them, in an eager JAX or TensorFlow call, each transpose (and
+# in JAX each reshape) would copy its array, which for a decoding step is the whole cache.
 @memoized(maxsize=256)
-def _staged_forward(backend: Backend, options: _chunked.Options, remat: bool):
-    return backend.stage(functools.partial(_chunked.forward, backend, options=options, remat=remat))
+def _staged_forward(backend: Backend, options: _chunked.Options, layout: str, remat: bool):
+    """``(q, k, v, bias, mask, q_lengths, k_lengths) -> (out, lse)``: the user's arrays,
+    the output in the user's layout (in the accumulation dtype) and its logsumexp."""
+
+    def forward(q, k, v, *others):
+        xp = backend.namespace()
+        arrays = _canonical_arrays(xp, layout, q, k, v, *others)
+        out, lse = _chunked.forward(backend, *arrays, options=options, remat=remat)
+        heads = _unpack(q.shape, layout)[1]
+        return _from_canonical(xp, layout, out, heads), xp.reshape(lse, _lse_shape(q, layout))
+
+    return backend.stage(forward)
 
 
 @memoized(maxsize=256)
-def _staged_backward(backend: Backend, options: _chunked.Options):
-    return backend.stage(functools.partial(_chunked.backward, backend, options=options))
+def _staged_backward(backend: Backend, options: _chunked.Options, layout: str):
+    """``(q, k, v, bias, mask, q_lengths, k_lengths, out, lse, d_out, d_lse) -> (dq, dk,
+    dv, d_bias)``, all in the user's layout (``d_bias`` None without an array bias)."""
+
+    def backward(q, k, v, bias, mask, q_lengths, k_lengths, out, lse, d_out, d_lse):
+        xp = backend.namespace()
+        arrays = _canonical_arrays(xp, layout, q, k, v, bias, mask, q_lengths, k_lengths)
+        heads, kv_heads = _unpack(q.shape, layout)[1], _unpack(k.shape, layout)[1]
+        groups, lse_shape = heads // kv_heads, arrays[0].shape[:-1]
+        out, d_out = (_canonical(xp, x, layout, kv_heads, groups) for x in (out, d_out))
+        lse, d_lse = (None if x is None else xp.reshape(x, lse_shape) for x in (lse, d_lse))
+        dq, dk, dv, d_bias = _chunked.backward(
+            backend, *arrays, out, lse, d_out, d_lse, options=options
+        )
+        return (
+            _from_canonical(xp, layout, dq, heads),
+            _from_canonical(xp, layout, dk, kv_heads),
+            _from_canonical(xp, layout, dv, kv_heads),
+            None if d_bias is None else xp.reshape(d_bias, tuple(bias.shape)),
+        )
+
+    return backend.stage(backward)
 
 
 @memoized(maxsize=256)
-def _staged_custom(backend: Backend, options: _chunked.Options, present: tuple[bool, ...]):
+def _staged_custom(
+    backend: Backend, options: _chunked.Options, layout: str, present: tuple[bool, ...]
+):
     # Not staged as a whole: the forward and backward it calls are, and are shared with
     # uniattn.vjp (an eager JAX caller compiles each once per shape).
     return _chunked.differentiable(
         backend,
         present,
-        _staged_forward(backend, options, False),
-        _staged_backward(backend, options),
+        _staged_forward(backend, options, layout, False),
+        _staged_backward(backend, options, layout),
     )
 
 
 @dataclass(frozen=True)
 class _Call:
-    """A validated call: the backend, canonical arrays and how to undo the layout."""
+    """A validated call: the backend, the user's arrays and the static options."""
 
     backend: Backend
-    # q, k, v, bias, mask, query_lengths, key_lengths in uniattn._chunked's layout
+    # q, k, v, bias, mask, query_lengths, key_lengths as given (bias/mask None if callable)
     arrays: tuple
     options: _chunked.Options
-    batch: tuple[int, ...]
-    heads: int
-    kv_heads: int
     layout: str
-    backward: str
     return_lse: bool
-    bias_shape: tuple[int, ...] | None
 
     @property
     def present(self) -> tuple[bool, ...]:
@@ -263,55 +294,30 @@ class _Call:
         """q, k, v and the optional arrays that were given."""
         return tuple(x for x in self.arrays if x is not None)
 
-    def _to_user(self, x, heads):
-        """``[*batch, kv_heads, g, len, dim] -> [*batch, heads, len, dim]`` in the user's layout."""
-        xp = self.backend.namespace()
-        x = xp.reshape(x, (*self.batch, heads, *x.shape[-2:]))
-        return _swap_length_and_heads(xp, x) if self.layout == "BTHD" else x
+    def result(self, out, lse):
+        """What the user gets: ``out`` in the inputs' dtype, and ``lse`` if asked for."""
+        out = self.backend.namespace().astype(out, self.arrays[0].dtype, copy=False)
+        return (out, lse) if self.return_lse else out
 
-    def restore_result(self, out, lse):
-        """The user's ``out`` (in the inputs' dtype and layout) and ``lse``."""
-        xp = self.backend.namespace()
-        out = self._to_user(xp.astype(out, self.arrays[0].dtype, copy=False), self.heads)
-        if not self.return_lse:
-            return out
-        return out, xp.reshape(lse, (*self.batch, self.heads, lse.shape[-1]))
-
-    def restore_gradients(self, grads):
-        dq, dk, dv, d_bias = grads
-        result = (
-            self._to_user(dq, self.heads),
-            self._to_user(dk, self.kv_heads),
-            self._to_user(dv, self.kv_heads),
-        )
-        if d_bias is None:
-            return result
-        return (*result, self.backend.namespace().reshape(d_bias, self.bias_shape))
-
-    def canonical_cotangents(self, d_out, d_lse):
-        """Check the cotangents' shapes; put them in the canonical layout."""
-        backend, xp = self.backend, self.backend.namespace()
-        q = self.arrays[0]
-        expected = (*self.batch, self.heads, q.shape[-2], self.arrays[2].shape[-1])
-        if self.layout == "BTHD":
-            expected = (*self.batch, q.shape[-2], self.heads, expected[-1])
+    def checked_cotangents(self, d_out, d_lse):
+        """The cotangents, checked against the output's and the lse's shapes."""
+        backend = self.backend
+        q, _, v = self.arrays[:3]
+        expected = (*q.shape[:-1], v.shape[-1])
         if backend_of(d_out=d_out) is not backend or tuple(d_out.shape) != expected:
             raise ValueError(
                 f"d_out must be a {backend.name} array shaped like the output "
                 f"{expected}; got {type_name(d_out)} of shape {tuple(d_out.shape)}"
             )
-        d_out = _canonical(
-            xp, backend.prepare(d_out), self.layout, self.kv_heads, self.heads // self.kv_heads
-        )
         if d_lse is None:
-            return d_out, None
-        lse_shape = (*self.batch, self.heads, q.shape[-2])
+            return backend.prepare(d_out), None
+        lse_shape = _lse_shape(q, self.layout)
         if backend_of(d_lse=d_lse) is not backend or tuple(d_lse.shape) != lse_shape:
             raise ValueError(
                 f"d_lse must be a {backend.name} array shaped like lse {lse_shape}; "
                 f"got {type_name(d_lse)} of shape {tuple(d_lse.shape)}"
             )
-        return d_out, xp.reshape(backend.prepare(d_lse), q.shape[:-1])
+        return backend.prepare(d_out), backend.prepare(d_lse)
 
 
 def _prepare(
@@ -340,7 +346,6 @@ def _prepare(
         x if x is None or callable(x) else backend.prepare(x)
         for x in (bias, mask, query_lengths, key_lengths)
     )
-    xp = backend.namespace()
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
@@ -405,36 +410,27 @@ def _prepare(
     q_chunk = default_q_chunk if q_chunk is None else q_chunk
     k_chunk = default_k_chunk if k_chunk is None else k_chunk
     target = (*batch, heads, q_len, kv_len)
-    groups = heads // kv_heads
-    score_operands = {}
+    functions = {}
     for name, x in (("bias", bias), ("mask", mask)):
         if callable(x):
-            score_operands[name] = _ChunkFunction(name, x, backend, batch, heads, kv_heads)
+            functions[name] = _ChunkFunction(name, x, backend, batch, heads, kv_heads)
         elif x is not None:
             _check_score_dtype(name, backend, x)
-            score_operands[name] = _canonical_score_operand(name, x, target, kv_heads, groups, xp)
-    arrays = (
-        _canonical(xp, query, layout, kv_heads, groups),
-        _canonical(xp, key, layout, kv_heads, 1),
-        _canonical(xp, value, layout, kv_heads, 1),
-        None if callable(bias) else score_operands.get("bias"),
-        None if callable(mask) else score_operands.get("mask"),
-        _canonical_lengths("query_lengths", query_lengths, batch, backend),
-        _canonical_lengths("key_lengths", key_lengths, batch, backend),
-    )
+            _check_broadcastable(name, x, target)
+    for name, x in (("query_lengths", query_lengths), ("key_lengths", key_lengths)):
+        _check_lengths(name, x, batch, backend)
+    arrays = (query, key, value, *(None if callable(x) else x for x in (bias, mask)))
+    arrays += (query_lengths, key_lengths)
     options = _chunked.Options(
         scale=(1.0 / math.sqrt(d_k) if d_k else 1.0) if scale is None else scale,
         query_chunk_size=q_chunk,
         key_chunk_size=k_chunk,
         left=left,
         right=right,
-        bias_fn=score_operands["bias"] if callable(bias) else None,
-        mask_fn=score_operands["mask"] if callable(mask) else None,
+        bias_fn=functions.get("bias"),
+        mask_fn=functions.get("mask"),
     )
-    bias_shape = None if bias is None or callable(bias) else tuple(bias.shape)
-    return _Call(
-        backend, arrays, options, batch, heads, kv_heads, layout, backward, return_lse, bias_shape
-    )
+    return _Call(backend, arrays, options, layout, return_lse)
 
 
 @dataclass(frozen=True)
@@ -461,8 +457,24 @@ class _ChunkFunction:
         what = f"the result of {self.name}(q_idx, k_idx)"
         _check_score_dtype(self.name, self.backend, x, what)
         target = (*self.batch, self.heads, q_idx.shape[0], k_idx.shape[1])
+        _check_broadcastable(what, x, target)
         xp, groups = self.backend.namespace(), self.heads // self.kv_heads
-        return _canonical_score_operand(what, x, target, self.kv_heads, groups, xp)
+        return _canonical_score_operand(xp, x, target, self.kv_heads, groups)
+
+
+def _canonical_arrays(xp, layout, q, k, v, bias, mask, q_lengths, k_lengths) -> tuple:
+    """The checked arrays of a call in :mod:`uniattn._chunked`'s layout."""
+    q_len, heads, _ = _unpack(q.shape, layout)
+    kv_len, kv_heads, _ = _unpack(k.shape, layout)
+    batch, groups = tuple(q.shape[:-3]), heads // kv_heads
+    target = (*batch, heads, q_len, kv_len)
+    return (
+        _canonical(xp, q, layout, kv_heads, groups),
+        _canonical(xp, k, layout, kv_heads, 1),
+        _canonical(xp, v, layout, kv_heads, 1),
+        *(_canonical_score_operand(xp, x, target, kv_heads, groups) for x in (bias, mask)),
+        *(_canonical_lengths(xp, x, batch) for x in (q_lengths, k_lengths)),
+    )
 
 
 def _canonical(xp, x, layout, kv_heads, groups):
@@ -472,10 +484,22 @@ def _canonical(xp, x, layout, kv_heads, groups):
     return xp.reshape(x, (*x.shape[:-3], kv_heads, groups, *x.shape[-2:]))
 
 
-def _canonical_lengths(name, x, batch, backend):
-    """Check an int array ``[*batch]``; as int32 ``[*batch, 1, 1, 1, 1]``."""
+def _from_canonical(xp, layout, x, heads):
+    """``[*batch, kv_heads, g, len, dim] -> [*batch, heads, len, dim]`` (or BTHD)."""
+    x = xp.reshape(x, (*x.shape[:-4], heads, *x.shape[-2:]))
+    return _swap_length_and_heads(xp, x) if layout == "BTHD" else x
+
+
+def _lse_shape(q, layout) -> tuple[int, ...]:
+    """``[*batch, heads, q_len]``, the shape of the logsumexp of a call on ``q``."""
+    q_len, heads, _ = _unpack(q.shape, layout)
+    return (*q.shape[:-3], heads, q_len)
+
+
+def _check_lengths(name, x, batch, backend):
+    """Check that ``x`` is None or an int array ``[*batch]``."""
     if x is None:
-        return None
+        return
     dtype = backend.dtype_name(x)
     if not dtype.startswith(("int", "uint")):
         raise TypeError(f"{name} must be an integer array [*batch]; got dtype {dtype}")
@@ -484,8 +508,11 @@ def _canonical_lengths(name, x, batch, backend):
         raise ValueError(
             f"{name} must have shape [*batch] = {batch} (the batch axes of query); got {shape}"
         )
-    xp = backend.namespace()
-    return xp.reshape(xp.astype(x, xp.int32), (*batch, 1, 1, 1, 1))
+
+
+def _canonical_lengths(xp, x, batch):
+    """A checked lengths array as int32 ``[*batch, 1, 1, 1, 1]``."""
+    return None if x is None else xp.reshape(xp.astype(x, xp.int32), (*batch, 1, 1, 1, 1))
 
 
 def _check_score_dtype(name, backend, x, what=None):
@@ -524,10 +551,8 @@ def _swap_length_and_heads(xp, x):
     return xp.permute_dims(x, (*range(n - 3), n - 2, n - 3, n - 1))
 
 
-def _canonical_score_operand(name, x, target, kv_heads, groups, xp):
-    """Check that ``x`` broadcasts to ``target``; reshape it to the canonical rank."""
-    if x is None:
-        return None
+def _check_broadcastable(name, x, target):
+    """Check that ``x`` broadcasts to ``target``."""
     shape = _static_shape(name, x)
     broadcastable = len(shape) <= len(target) and all(
         s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False)
@@ -537,7 +562,13 @@ def _canonical_score_operand(name, x, target, kv_heads, groups, xp):
             f"{name} must be broadcastable to [*batch, heads, q_len, kv_len] = {target}; "
             f"got shape {shape}"
         )
-    shape = (1,) * (len(target) - len(shape)) + shape
+
+
+def _canonical_score_operand(xp, x, target, kv_heads, groups):
+    """A checked bias or mask at the canonical rank: its heads axis split in two."""
+    if x is None:
+        return None
+    shape = (1,) * (len(target) - x.ndim) + tuple(x.shape)
     heads = (kv_heads, groups) if shape[-3] != 1 else (1, 1)
     return xp.reshape(x, (*shape[:-3], *heads, *shape[-2:]))
 

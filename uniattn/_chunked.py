@@ -543,7 +543,8 @@ def differentiable(backend: Any, present: tuple[bool, ...], forward, backward):
     ``present`` says which of (bias, mask, q_lengths, k_lengths) are among ``given``.
     ``forward(q, k, v, bias, mask, q_lengths, k_lengths)`` and ``backward(<the same>,
     out, lse, d_out, d_lse)`` are this module's :func:`forward` (without remat) and
-    :func:`backward` with their options bound (and staged by the backend).
+    :func:`backward` with their options bound, staged by the backend together with the
+    layout changes to and from the user's layout (:mod:`uniattn._api`).
     """
 
     def unpack(args):
