@@ -17,6 +17,7 @@ JSON line.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import statistics
@@ -81,9 +82,9 @@ def memory_in_subprocess(
     ``task`` "forward" measures ``{"uniattn", "plain"}``; "gradient" measures a forward and
     backward pass: ``{"custom", "autodiff", "plain"}`` (plain under the framework's
     autodiff; NumPy: ``{"custom"}`` through ``uniattn.vjp``); "decode" measures
-    ``{"uniattn"}``, one eager decoding step from a cache of ``n`` keys (:func:`_decode`).
-    None where peak RSS cannot
-    be measured (not Linux); each value None where the device's memory is not measured.
+    ``{"uniattn"}``, one eager decoding step from a cache of ``n`` keys, beside the
+    cache's own bytes ``{"cache"}`` (:func:`_decode`). None where peak RSS cannot be
+    measured (not Linux); each value None where the device's memory is not measured.
     """
     if not Path("/proc/self/clear_refs").exists():
         return None
@@ -111,7 +112,7 @@ def _worker(name: str, n: int, task: str, device: str | None = None) -> dict:
     backend = backend if device is None else backend.on(device)
     rng = np.random.default_rng(0)
     if task == "decode":
-        return {"uniattn": _decode(backend, rng, n)}
+        return _decode(backend, rng, n)
     q, k, v, d_out = (
         backend.asarray(rng.standard_normal((1, n, 1, 64)), "float32") for _ in range(4)
     )
@@ -133,10 +134,11 @@ def _worker(name: str, n: int, task: str, device: str | None = None) -> dict:
     return {impl: peak_bytes_above_baseline(backend, run, *args) for impl, run in runs.items()}
 
 
-def _decode(backend, rng, n: int) -> int | None:
-    """Peak extra bytes of one decoding step: 32 query heads on 8 key/value heads, d 64,
-    layout BHTD, a cache of ``n`` keys; called eagerly (after a warm-up), as a decoding
-    loop calls it, so that what runs outside a staged function counts too."""
+def _decode(backend, rng, n: int) -> dict:
+    """Peak extra bytes of one decoding step (``"uniattn"``) and the bytes of its cache, k
+    and v (``"cache"``): 32 query heads on 8 key/value heads, d 64, float32, layout BHTD,
+    ``n`` keys. Called eagerly (after a warm-up), as a decoding loop calls it, so that what
+    runs outside a staged function counts too."""
     import uniattn
 
     q = backend.asarray(rng.standard_normal((1, 32, 1, 64)), "float32")
@@ -146,7 +148,8 @@ def _decode(backend, rng, n: int) -> int | None:
         return uniattn.attention(q, k, v, layout="BHTD")
 
     backend.block(step(q, k, v))
-    return timed_peak(backend, step, (q, k, v))[1]
+    cache = 2 * math.prod(k.shape) * 4
+    return {"uniattn": timed_peak(backend, step, (q, k, v))[1], "cache": cache}
 
 
 if __name__ == "__main__":
