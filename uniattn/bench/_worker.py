@@ -91,6 +91,8 @@ def _task_speed(backend, spec) -> None:
     from uniattn.bench.peers import implementations
 
     dtype = spec.get("dtype", "float32")
+    # Measured before and after the timings (the report takes the faster): a busy moment
+    # on a shared host had read one backend's rate 22% low at the start of its worker.
     _emit(matmul_flops_per_s=matmul_rate(backend, dtype=dtype))
     platform = backend.array_platform()
     found = implementations(backend, platform, dtype)
@@ -123,6 +125,7 @@ def _task_speed(backend, spec) -> None:
                 fns, backend.block, spec["repeats"], warm=False, settle=True
             )
             _emit(n=n, mode=mode, seconds=seconds)
+    _emit(matmul_flops_per_s=matmul_rate(backend, dtype=dtype))
 
 
 # Peers that hold the n x n scores (skipped where those would not fit).
