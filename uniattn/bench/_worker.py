@@ -91,8 +91,8 @@ def _task_speed(backend, spec) -> None:
     from uniattn.bench.peers import implementations
 
     dtype = spec.get("dtype", "float32")
-    # Measured before and after the timings (the report takes the faster): a busy moment
-    # on a shared host had read one backend's rate 22% low at the start of its worker.
+    # Measured before and after the timings (the report takes the faster): on a shared
+    # host one backend's rate had read 22% low at the start of its worker.
     _emit(matmul_flops_per_s=matmul_rate(backend, dtype=dtype))
     platform = backend.array_platform()
     found = implementations(backend, platform, dtype)
