@@ -291,6 +291,14 @@ class Backend:
         """``sum(p, axis=-1, keepdims=True)``: the row sums of a block of probabilities."""
         return self.namespace().sum(p, axis=-1, keepdims=True)
 
+    def softmax(self, s: Any) -> Any:
+        """``softmax(s)`` over the last axis, through the framework's own function where it
+        has one. Only plain attention uses it (:mod:`uniattn._plain`, the benchmarks'
+        baseline), which is meant to be what a user of that framework would write."""
+        xp = self.namespace()
+        e = xp.exp(s - xp.max(s, axis=-1, keepdims=True))
+        return e / xp.sum(e, axis=-1, keepdims=True)
+
     def cond(self, pred: Any, fast: Callable[..., Any], safe: Callable[..., Any], operands: tuple):
         """``fast(*operands)`` if the 0-d bool ``pred`` holds, else ``safe(*operands)``.
 

@@ -109,6 +109,9 @@ class JaxBackend(Backend):
         flat = [x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:]) for x in (a, b)]
         return jnp.einsum("bqd,bkd->bqk", *flat).reshape(*a.shape[:-1], b.shape[-2])
 
+    def softmax(self, s):
+        return jax.nn.softmax(s, axis=-1)
+
     def cond(self, pred, fast, safe, operands):
         # Operands travel flat, behind a barrier: XLA would otherwise move their reshapes
         # into the branches, lay the canonical layout's unit axes out permuted, and copy

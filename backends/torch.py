@@ -137,6 +137,9 @@ class TorchBackend(Backend):
         # which is the costliest pass over a score block; the extra scaling pass is cheap.
         return s.sub_(shift).mul_(LOG2_E).exp2_()
 
+    def softmax(self, s):
+        return torch.softmax(s, dim=-1)
+
     def cond(self, pred, fast, safe, operands):
         if torch.compiler.is_compiling():  # no graph break on a value: always safe
             return safe(*operands)

@@ -9,6 +9,8 @@ import functools
 import numpy as np
 import pytest
 
+from .tolerances import assert_close
+
 
 def _arange(backend, n, dtype="float64"):
     return backend.asarray(np.arange(n, dtype=np.float64), dtype)
@@ -297,6 +299,35 @@ def test_row_sums(backend, dtype):
         grad = backend.vjp(backend.row_sums, finite)[1](cotangent)[0]
         want_grad = np.broadcast_to(backend.to_numpy(cotangent), p_np.shape)
         np.testing.assert_array_equal(backend.to_numpy(grad), want_grad)
+
+
+def test_softmax(backend):
+    """``softmax`` over the last axis (plain attention's): each row's probabilities, also
+    where the row's logits are near 1e4 (it must shift by the row's maximum first) and 0
+    exactly for -inf logits."""
+    rng = np.random.default_rng(0)
+    s_np = rng.standard_normal((2, 3, 5, 40)) * 4
+    s_np[0, 1] += 1e4
+    s_np[1, 2, :, :7] = -np.inf
+    s = backend.asarray(s_np, "float32")
+    exact = backend.to_numpy(s).astype(np.float64)  # the float32 logits, exactly
+    want = np.exp(exact - exact.max(axis=-1, keepdims=True))
+    want /= want.sum(axis=-1, keepdims=True)
+    got = backend.to_numpy(backend.softmax(s)).astype(np.float64)
+    assert np.all(got[1, 2, :, :7] == 0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_plain_attention_is_attention(backend):
+    """Plain attention, the benchmarks' baseline, computes attention (the reference's)."""
+    from uniattn import reference
+    from uniattn._plain import plain_attention
+
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 33, 3, 8)).astype(np.float32) for _ in range(3))
+    got = plain_attention(backend, *(backend.asarray(x) for x in (q, k, v)))
+    want = reference.attention(*(x.astype(np.float64) for x in (q, k, v)))
+    assert_close(backend.to_numpy(got), want, "float32", what="plain attention")
 
 
 @pytest.mark.parametrize("how", ["eager", "staged", "compiled"])

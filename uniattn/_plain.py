@@ -1,5 +1,7 @@
-"""Plain attention, ``softmax(q kᵀ) v`` with the whole score matrix: the baseline uniattn is
-measured against, written once on the array API like the algorithm itself."""
+"""Plain attention, ``softmax(q kᵀ / √d) v`` with the whole score matrix: the baseline
+uniattn is measured against. It is written as a user of each framework would write it: the
+queries scaled (not the n x n scores), the framework's own softmax (``Backend.softmax``:
+``torch.softmax``, ``tf.nn.softmax``, ``jax.nn.softmax``; NumPy has none)."""
 
 from __future__ import annotations
 
@@ -16,14 +18,14 @@ def plain_attention(backend, query, key, value):
 
 @memoized()
 def _staged(backend):
-    return backend.stage(functools.partial(_plain, backend.namespace()))
+    return backend.stage(functools.partial(_plain, backend))
 
 
-def _plain(xp, query, key, value):
+def _plain(backend, query, key, value):
+    xp = backend.namespace()
     n = query.ndim
     swap = (*range(n - 3), n - 2, n - 3, n - 1)
     q, k, v = (xp.permute_dims(x, swap) for x in (query, key, value))
-    s = xp.matmul(q, xp.matrix_transpose(k)) * (1.0 / math.sqrt(q.shape[-1]))
-    p = xp.exp(s - xp.max(s, axis=-1, keepdims=True))
-    p = p / xp.sum(p, axis=-1, keepdims=True)
+    q = q * (1.0 / math.sqrt(q.shape[-1]))
+    p = backend.softmax(xp.matmul(q, xp.matrix_transpose(k)))
     return xp.permute_dims(xp.matmul(p, v), swap)
