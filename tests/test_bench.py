@@ -177,3 +177,22 @@ def test_fused_gpu_kernels_are_listed_on_cuda_only():
         for n, f in peers.implementations(torch_backend, "cuda", "bfloat16").items()
         if n.startswith("torch sdpa")
     )
+
+
+def test_speed_plot_leaves_a_backend_without_autodiff_blank(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need the bench extra (matplotlib)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from uniattn.bench import plots
+
+    report = speed.run(["numpy"], ns=[128])
+    (path,) = plots.plot(report, tmp_path)
+    assert path.stat().st_size > 0
+    fig = plots._speed(plt, report.raw)
+    forward, gradient = fig.axes  # NumPy: a forward panel, and no gradient to plot
+    assert forward.axison and forward.get_lines()
+    assert not gradient.axison and not gradient.get_lines()
+    plt.close(fig)
