@@ -309,15 +309,21 @@ class Backend:
         return fast(*operands) if bool(pred) else safe(*operands)
 
     def cond_call(
-        self, pred: Any, fn: Callable[..., Any], sanitize: Callable[..., tuple], operands: tuple
+        self,
+        pred: Any,
+        fn: Callable[..., Any],
+        sanitize: Callable[..., tuple],
+        operands: tuple,
+        passed: tuple = (),
     ):
-        """``fn(*operands)`` if the 0-d bool ``pred`` holds, else ``fn(*sanitize(*operands))``.
+        """``fn(*operands, *passed)`` if the 0-d bool ``pred`` holds, else
+        ``fn(*sanitize(*operands), *passed)``.
 
-        The default branches on the operands alone (:meth:`cond`), so a graph holds ``fn``
-        once; an adapter whose conditional copies the results it passes on (XLA) branches
-        around ``fn`` instead.
+        The default branches on ``operands`` alone (:meth:`cond`), so a graph holds ``fn``
+        once and ``passed`` never wait for the branch; an adapter whose conditional copies
+        the results it passes on (XLA) branches around ``fn`` instead.
         """
-        return fn(*self.cond(pred, _same, sanitize, operands))
+        return fn(*self.cond(pred, _same, sanitize, operands), *passed)
 
     def custom_vjp(
         self,

@@ -126,10 +126,16 @@ class JaxBackend(Backend):
 
         return jax.lax.cond(pred, unflattened(fast), unflattened(safe), *flat)
 
-    def cond_call(self, pred, fn, sanitize, operands):
+    def cond_call(self, pred, fn, sanitize, operands, passed=()):
         # Around fn: branching on the operands alone would return them as new buffers,
-        # copies of all of a decoding step's cache.
-        return self.cond(pred, fn, lambda *args: fn(*sanitize(*args)), operands)
+        # copies of all of a decoding step's cache. `passed` go in as operands too: XLA
+        # copies what a branch closes over (the backward at n 16384: 4 MiB more).
+        n = len(operands)
+
+        def safe(*args):
+            return fn(*sanitize(*args[:n]), *args[n:])
+
+        return self.cond(pred, fn, safe, (*operands, *passed))
 
     def custom_vjp(self, fwd, bwd):
         f = jax.custom_vjp(lambda *args: fwd(*args)[0])

@@ -240,23 +240,29 @@ def test_cond_takes_fast_only_when_the_predicate_holds(backend, how):
 
 @pytest.mark.parametrize("how", ["eager", "staged", "compiled"])
 def test_cond_call_sanitizes_only_when_the_predicate_fails(backend, how):
-    """``cond_call(pred, fn, sanitize, operands)``: ``fn(*operands)`` where pred holds,
-    ``fn(*sanitize(*operands))`` where it does not (torch.compile may always sanitize, which
-    this ``sanitize`` makes harmless where pred holds); gradients flow through either."""
+    """``cond_call(pred, fn, sanitize, operands, passed)``: ``fn(*operands, *passed)`` where
+    pred holds, ``fn(*sanitize(*operands), *passed)`` where it does not (torch.compile may
+    always sanitize, which this ``sanitize`` makes harmless where pred holds); ``passed``
+    (None among them) reach ``fn`` untouched; gradients flow through either branch."""
     xs = _arange(backend, 4)
     xp = backend.namespace()
 
     def f(x, fix):
-        return backend.cond_call(
-            xp.sum(x) < 100.0, lambda a, b: (a * 2.0 + b,), lambda a, b: (a * fix, b), (x, x)
-        )
+        def fn(a, b, c, nothing):
+            assert nothing is None
+            return (a * 2.0 + b + c * 10.0,)
+
+        def sanitize(a, b):
+            return a * fix, b
+
+        return backend.cond_call(xp.sum(x) < 100.0, fn, sanitize, (x, x), (x * 0.5, None))
 
     fixed, harmless = (_run(backend, how, functools.partial(f, fix=fix)) for fix in (0.0, 1.0))
-    np.testing.assert_array_equal(backend.to_numpy(harmless(xs)[0]), [0, 3, 6, 9])  # pred holds
-    np.testing.assert_array_equal(backend.to_numpy(fixed(xs * 50.0)[0]), [0, 50, 100, 150])
+    np.testing.assert_array_equal(backend.to_numpy(harmless(xs)[0]), [0, 8, 16, 24])  # pred holds
+    np.testing.assert_array_equal(backend.to_numpy(fixed(xs * 50.0)[0]), [0, 300, 600, 900])
     if backend.has_autodiff:
         _, vjp_fn = backend.vjp(lambda x: fixed(x * 50.0)[0], xs)
-        np.testing.assert_array_equal(backend.to_numpy(vjp_fn(xs * 0 + 1.0)[0]), [50] * 4)
+        np.testing.assert_array_equal(backend.to_numpy(vjp_fn(xs * 0 + 1.0)[0]), [300] * 4)
 
 
 def test_exp_shifted(backend):

@@ -133,9 +133,9 @@ class _Context:
         xp = self.xp
         return xp.isfinite(sum(xp.sum(x) for x in arrays))
 
-    def isolated(self, q, k, v, bias, mask):
-        """The forward's operands with padded keys zeroed and non-finite rows and keys
-        isolated: its safe branch (finite inputs need neither, see :func:`forward`).
+    def isolated(self, q, k, v):
+        """``q``, ``k``, ``v`` with padded keys zeroed and non-finite rows and keys
+        isolated: the forward's safe branch (finite inputs need neither, see :func:`forward`).
 
         Padding past ``key_lengths`` may hold anything (NaN, inf), and a masked key's zero
         weight times NaN would still be NaN, so padded keys and values become 0. A key or
@@ -145,14 +145,12 @@ class _Context:
         finite. A query row with a non-finite entry becomes all NaN.
         """
         k, v = _isolate_non_finite_keys(self.xp, *self._unpadded(k, v))
-        return _isolate_rows(self.xp, q), k, v, bias, mask
+        return _isolate_rows(self.xp, q), k, v
 
     def zeroed(self, q, k, v):
-        """``q``, ``k``, ``v`` with padded keys and every non-finite entry 0 (backward),
-        unless all of them are finite: finite padding gets zero weight, hence adds 0."""
-        return self.backend.cond(self.all_finite(q, k, v), lambda *a: a, self._zero, (q, k, v))
-
-    def _zero(self, q, k, v):
+        """``q``, ``k``, ``v`` with padded keys and every non-finite entry 0: the backward's
+        safe branch (finite inputs need neither: finite padding gets zero weight, hence
+        adds 0; see :func:`backward`)."""
         return _zero_non_finite(self.xp, q, *self._unpadded(k, v))
 
     def _unpadded(self, k, v):
@@ -351,7 +349,7 @@ def forward(
     # Finite inputs (padding included) skip the isolating passes, which copy k and v: as
     # much memory traffic as all the rest of a decoding step.
     attend = functools.partial(_attend, c, remat=remat)
-    return backend.cond_call(c.all_finite(q, k, v), attend, c.isolated, (q, k, v, bias, mask))
+    return backend.cond_call(c.all_finite(q, k, v), attend, c.isolated, (q, k, v), (bias, mask))
 
 
 def _attend(c: _Context, q, k, v, bias, mask, *, remat: bool):
@@ -432,10 +430,21 @@ def backward(
     if c.empty:
         grads = (q, k, v, bias)
         return tuple(None if g is None else xp.zeros_like(g) for g in grads)
+    q, k, v = c.lift(c.fold(q)), c.lift(k), c.lift(v)
+    # Finite inputs (padding included) skip the zeroing passes, as the forward skips its
+    # isolating ones; JAX branches around the whole backward, or its conditional would
+    # return copies of q, k and v (n 16384: 8 MiB of 47).
+    backprop = functools.partial(_backprop, c, dtypes)
+    passed = (bias, mask, out, lse, d_out, d_lse)
+    return backend.cond_call(c.all_finite(q, k, v), backprop, c.zeroed, (q, k, v), passed)
+
+
+def _backprop(c: _Context, dtypes, q, k, v, bias, mask, out, lse, d_out, d_lse):
+    """:func:`backward` of prepared operands, finite or zeroed (:meth:`_Context.zeroed`)."""
+    backend, options, xp = c.backend, c.options, c.xp
     # Rows whose output is NaN (they attend a non-finite input, see _Context.isolated)
     # are constants here: they contribute nothing, so every other gradient stays exact.
     affected = xp.logical_not(xp.logical_or(xp.isfinite(lse), lse == NEG_INF))
-    q, k, v = c.zeroed(c.lift(c.fold(q)), c.lift(k), c.lift(v))
     q = q * options.scale
     bias, mask = c.lift(c.fold(bias)), c.fold(mask)
     affected = c.fold(affected[..., None])
