@@ -29,9 +29,10 @@ block can see, and row blocks that see none of a key chunk, are never computed. 
 loop runs in bands (:func:`_bands`): partly masked chunks at the edges, and between them
 chunks every row sees whole, computed without the structural mask.
 
-**Non-finite inputs** (:meth:`_Context.isolated`): each call branches once
-(``Backend.cond_call``). Inputs whose entries are all finite, padding included, take the
-algorithm as it is; the others first zero the padding and isolate non-finite keys and rows.
+**Non-finite inputs** (:meth:`_Context.isolated`, :meth:`_Context.zeroed`): the forward and
+the backward each branch once (``Backend.cond_call``). Inputs whose entries are all finite,
+padding included, take the algorithm as it is; the others first zero the padding and isolate
+non-finite keys and rows (the backward: zero every non-finite entry).
 
 Only one ``q_chunk x k_chunk`` block of scores per head exists at a time. Loops,
 rematerialisation, ``stop_gradient``, ``cond``, ``chunks`` (how a loop body holds stacked
