@@ -48,6 +48,12 @@ def load(name: str) -> Backend:
     return importlib.import_module(f"{__name__}.{name}").backend
 
 
+def harness(name: str) -> Backend:
+    """What tests, benchmarks and the CLI use of the backend called ``name``: conversion to
+    and from NumPy, the framework's autodiff and compiler, timing and memory."""
+    return load(name)
+
+
 def loaded(name: str) -> bool:
     """Whether the adapter called ``name`` is imported."""
     return f"{__name__}.{name}" in sys.modules
