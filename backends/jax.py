@@ -8,43 +8,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import Backend
+from ._base import Backend, Harness
 
 
 class JaxBackend(Backend):
     name = "jax"
-    # Decoding: key chunk from `bench masks`-style sweeps (README, tuning). One chunk for a
-    # cache of up to 64k: each chunk costs XLA a copy of its keys and values (AVX-512 host:
-    # 32k cache 289 -> 231 ms, 64k 596 -> 485 against 16384; on AVX2, 512 to 16384 were flat).
-    decode_key_chunk = 65536
-    compiles_per_shape = True
-    # Chunks: the default 256 x 512. `bench tune` favoured 512 x 512 by 7% (AVX2), which now
-    # holds 69x / 72x less memory than plain attention at n 16384 against 82x / 95x; on the
-    # AVX-512 host its forward was 12% faster but forward+backward 3% slower (README, ²).
+    has_autodiff = True
+    decode_key_chunk = 65536  # each key chunk costs XLA a copy of its keys and values
 
     def is_array_type(self, tp):
-        # jax.Array admits tracers through isinstance only; the cache works on types.
+        # jax.Array admits tracers through isinstance only; the dispatch cache works on types.
         return issubclass(tp, (jax.Array, jax.core.Tracer))
 
     def namespace(self):
         return jnp  # jax.numpy implements the array API standard itself
 
-    def version(self):
-        return jax.__version__
-
     def is_accelerator(self, device):
         # Traced arrays carry no device: jit runs on the default backend's.
         return jax.default_backend() != "cpu"
-
-    def find_device(self, name):
-        platform, _, index = name.lower().partition(":")
-        try:
-            return jax.devices(platform)[int(index or 0)]
-        except (RuntimeError, ValueError, IndexError) as e:
-            raise ValueError(f"device: JAX has no device {name!r} here ({e})") from None
-
-    def platform(self, x):
-        return next(iter(x.devices())).platform
 
     def stage(self, fn):
         # Eager lax.scan re-traces and compiles on every call; jit caches per shape.
@@ -57,9 +38,8 @@ class JaxBackend(Backend):
 
         def body(carry, x):
             index, *parts = x
-            carry, ys = step(
-                carry, index, [f.unflatten(p) for f, p in zip(flat_xs, parts, strict=True)]
-            )
+            chunks = [f.unflatten(p) for f, p in zip(flat_xs, parts, strict=True)]
+            carry, ys = step(carry, index, chunks)
             leaves, tree = jax.tree.flatten(ys)
             structure[:] = [tree, [y.shape for y in leaves]]
             return carry, [y.reshape(-1) for y in leaves]
@@ -67,12 +47,8 @@ class JaxBackend(Backend):
         index = jnp.arange(length, dtype=jnp.int32)
         carry, ys = jax.lax.scan(body, init, (index, *(f.flat for f in flat_xs)), length=length)
         tree, shapes = structure
-        return carry, jax.tree.unflatten(
-            tree, [y.reshape(length, *s) for y, s in zip(ys, shapes, strict=True)]
-        )
-
-    def chunks(self, stacked):
-        return _Flat(stacked)
+        stacked = [y.reshape(length, *s) for y, s in zip(ys, shapes, strict=True)]
+        return carry, jax.tree.unflatten(tree, stacked)
 
     def fori_loop(self, lower, upper, body, init, max_trips):
         if isinstance(lower, int) and isinstance(upper, int):
@@ -86,11 +62,6 @@ class JaxBackend(Backend):
 
         return jax.lax.scan(step, init, jnp.arange(max_trips, dtype=jnp.int32))[0]
 
-    def add_at(self, x, start, update, axis):
-        lax = jax.lax
-        part = lax.dynamic_slice_in_dim(x, start, update.shape[axis], axis) + update
-        return lax.dynamic_update_slice_in_dim(x, part, start, axis)  # in place under XLA
-
     def remat(self, fn):
         # prevent_cse=False is safe (and faster) inside scan, where every call lives.
         return jax.checkpoint(fn, prevent_cse=False)
@@ -98,24 +69,9 @@ class JaxBackend(Backend):
     def stop_gradient(self, x):
         return jax.lax.stop_gradient(x)
 
-    def matmul_transposed(self, a, b):
-        # A dot_general contracting both last axes: XLA would copy a transposed b (one
-        # copy of every key chunk per row block) to feed matmul(a, matrix_transpose(b)).
-        # Its batch axes flattened to one: with the canonical layout's unit axes among
-        # them, XLA laid the product out with those axes permuted, then copied every
-        # score block into the layout its consumers want (one more pass over it).
-        if a.shape[:-2] != b.shape[:-2]:
-            return jnp.einsum("...qd,...kd->...qk", a, b)
-        flat = [x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:]) for x in (a, b)]
-        return jnp.einsum("bqd,bkd->bqk", *flat).reshape(*a.shape[:-1], b.shape[-2])
-
-    def softmax(self, s):
-        return jax.nn.softmax(s, axis=-1)
-
     def cond(self, pred, fast, safe, operands):
         # Operands travel flat, behind a barrier: XLA would otherwise move their reshapes
-        # into the branches, lay the canonical layout's unit axes out permuted, and copy
-        # each operand into every branch (a 32k cache: 128 MiB per operand per call).
+        # into the branches and copy each operand into every branch.
         flat = jax.lax.optimization_barrier(jax.tree.map(lambda x: x.reshape(-1), operands))
 
         def unflattened(branch):
@@ -126,10 +82,41 @@ class JaxBackend(Backend):
 
         return jax.lax.cond(pred, unflattened(fast), unflattened(safe), *flat)
 
+    def custom_vjp(self, fwd, bwd):
+        f = jax.custom_vjp(lambda *args: fwd(*args)[0])
+        f.defvjp(fwd, lambda res, g: tuple(bwd(res, g)))
+        return f
+
+    def vjp(self, fn, *primals):
+        return jax.vjp(fn, *primals)
+
+    # -- performance hooks (docs/backends.md) ------------------------------------------
+    def matmul_transposed(self, a, b):
+        # Contract both last axes, with the batch axes flattened to one: XLA would copy a
+        # transposed b, and lay out the unit axes of the canonical layout permuted, then
+        # copy every score block.
+        if a.shape[:-2] != b.shape[:-2]:
+            return jnp.einsum("...qd,...kd->...qk", a, b)
+        flat = [x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:]) for x in (a, b)]
+        return jnp.einsum("bqd,bkd->bqk", *flat).reshape(*a.shape[:-1], b.shape[-2])
+
+    def chunks(self, stacked):
+        return _Flat(stacked)
+
+    def blocks(self, zeros):
+        return zeros  # one array, updated in place by XLA
+
+    def add_block(self, blocks, index, update):
+        part = jax.lax.dynamic_index_in_dim(blocks, index, keepdims=False) + update
+        return jax.lax.dynamic_update_index_in_dim(blocks, part, index, 0)
+
+    def stacked(self, blocks):
+        return blocks
+
     def cond_call(self, pred, fn, sanitize, operands, passed=()):
-        # Around fn: branching on the operands alone would return them as new buffers,
-        # copies of all of a decoding step's cache. `passed` go in as operands too: XLA
-        # copies what a branch closes over (the backward at n 16384: 4 MiB more).
+        # Around fn: branching on the operands alone would return them as new buffers
+        # (a decoding step's whole cache). `passed` go in as operands too: XLA copies
+        # what a branch closes over.
         n = len(operands)
 
         def safe(*args):
@@ -137,40 +124,12 @@ class JaxBackend(Backend):
 
         return self.cond(pred, fn, safe, (*operands, *passed))
 
-    def custom_vjp(self, fwd, bwd):
-        f = jax.custom_vjp(lambda *args: fwd(*args)[0])
-        f.defvjp(fwd, lambda res, g: tuple(bwd(res, g)))
-        return f
-
-    def asarray(self, a, dtype=None):
-        return jnp.asarray(a, dtype=dtype, device=self.array_device)
-
-    def to_numpy(self, x):
-        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
-            x = x.astype(jnp.float32)
-        return np.array(x, copy=True)
-
-    def vjp(self, fn, *primals):
-        return jax.vjp(fn, *primals)
-
-    def jit(self, fn):
-        return jax.jit(fn)
-
-    def precompile(self, fn, *args):
-        return jax.jit(fn).lower(*args).compile()
-
-    def block(self, x):
-        return jax.block_until_ready(x)
-
 
 @jax.tree_util.register_pytree_node_class
 class _Flat:
-    """Stacked chunks ``[count, *shape]`` held as ``[count, prod(shape)]``.
-
-    XLA lays a stacked ``[count, 1, .., rows, d]`` operand out as it likes in the unit
-    axes, then copies it into a loop that wants another layout: one n·d buffer per
-    operand (measured with ``memory_analysis()``). A flat operand has one layout.
-    """
+    """Stacked chunks ``[count, *shape]`` held as ``[count, prod(shape)]``: XLA lays out a
+    stacked operand's unit axes as it likes, then copies it into a loop that wants another
+    layout; a flat operand has one layout."""
 
     def __init__(self, stacked):
         self.shape = stacked.shape[1:]
@@ -192,4 +151,42 @@ class _Flat:
         return self.unflatten(self.flat[index])
 
 
+class JaxHarness(Harness):
+    compiles_per_shape = True
+
+    def version(self):
+        return jax.__version__
+
+    def find_device(self, name):
+        platform, _, index = name.lower().partition(":")
+        try:
+            return jax.devices(platform)[int(index or 0)]
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise ValueError(f"device: JAX has no device {name!r} here ({e})") from None
+
+    def platform(self, x):
+        return next(iter(x.devices())).platform
+
+    def asarray(self, a, dtype=None):
+        return jnp.asarray(a, dtype=dtype, device=self.array_device)
+
+    def to_numpy(self, x):
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
+            x = x.astype(jnp.float32)
+        return np.array(x, copy=True)
+
+    def jit(self, fn):
+        return jax.jit(fn)
+
+    def precompile(self, fn, *args):
+        return jax.jit(fn).lower(*args).compile()
+
+    def block(self, x):
+        return jax.block_until_ready(x)
+
+    def softmax(self, s):
+        return jax.nn.softmax(s, axis=-1)
+
+
 backend = JaxBackend()
+harness = JaxHarness(backend)

@@ -1,19 +1,19 @@
 """TensorFlow adapter: ``tf.while_loop``, ``tf.recompute_grad``, ``tf.custom_gradient``.
 
-array-api-compat has no TensorFlow namespace, so :class:`Namespace` provides the array-API
-functions uniattn's algorithm calls, with the standard's names and signatures, on ``tf``
-ops (``tests/test_backends.py`` checks that it covers every ``xp.*`` the algorithm uses).
+Eagerly, loops are Python loops; staged (:meth:`TensorFlowBackend.stage`, or inside the
+caller's ``tf.function``) they are ``tf.while_loop``. The array namespace is in
+``_tensorflow_namespace.py`` (array-api-compat has none for TensorFlow).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import numpy as np
 import tensorflow as tf
 
-from . import Backend, python_fori, python_scan
+from ._base import Backend, Harness, python_fori, python_scan
+from ._tensorflow_namespace import Namespace
 
 try:  # no public API asks whether a tape watches a tensor
     from tensorflow.python.eager.record import should_record_backprop as _watched
@@ -23,134 +23,9 @@ except ImportError:  # pragma: no cover - a TensorFlow that moved it: stage noth
         return True
 
 
-# Trips of a graph's tf.while_loop in flight at once: each holds a score chunk, and two
-# keep both of the project's CPU cores busy (forward at n 4096, 8 heads: 608 ms with 1,
-# 462 with 2, 440 with TF's default of 10, which holds 160 MiB more).
+# Trips of a graph's tf.while_loop in flight at once: each holds a score chunk; two keep
+# two cores busy for a fraction of the memory of TF's default of 10.
 _PARALLEL_TRIPS = 2
-
-
-def _like(value, other):
-    """``value`` as a tensor of ``other``'s dtype when it is a Python scalar."""
-    if not isinstance(value, (int, float)):
-        return value
-    return tf.constant(value, dtype=getattr(other, "dtype", None))
-
-
-class Namespace:
-    """The subset of the array API standard that uniattn uses, on TensorFlow."""
-
-    bool = tf.bool
-    int32, int64 = tf.int32, tf.int64
-    float16, bfloat16, float32, float64 = tf.float16, tf.bfloat16, tf.float32, tf.float64
-
-    @staticmethod
-    def asarray(obj, /, *, dtype=None, device=None, copy=None):
-        x = tf.convert_to_tensor(obj)
-        return x if dtype is None else tf.cast(x, dtype)
-
-    @staticmethod
-    def astype(x, dtype, /, *, copy=True):
-        return tf.cast(x, dtype)
-
-    @staticmethod
-    def reshape(x, /, shape, *, copy=None):
-        return tf.reshape(x, shape)
-
-    @staticmethod
-    def permute_dims(x, /, axes):
-        return tf.transpose(x, axes)
-
-    @staticmethod
-    def matrix_transpose(x, /):
-        return tf.linalg.matrix_transpose(x)
-
-    @staticmethod
-    def matmul(x1, x2, /):
-        return tf.linalg.matmul(x1, x2)
-
-    @staticmethod
-    def concat(arrays, /, *, axis=0):
-        return tf.concat(list(arrays), axis)
-
-    @staticmethod
-    def arange(start, /, stop=None, step=1, *, dtype=None, device=None):
-        if stop is None:
-            start, stop = 0, start
-        return tf.range(start, stop, step, dtype=dtype or tf.int32)
-
-    @staticmethod
-    def zeros(shape, *, dtype=None, device=None):
-        return tf.zeros(shape, dtype=dtype or tf.float32)
-
-    @staticmethod
-    def full(shape, fill_value, *, dtype=None, device=None):
-        return tf.fill(shape, tf.constant(fill_value, dtype=dtype or tf.float32))
-
-    @staticmethod
-    def where(condition, x1, x2, /):
-        x1, x2 = _like(x1, x2), _like(x2, x1)
-        return tf.where(condition, x1, x2)
-
-    @staticmethod
-    def logical_and(x1, x2, /):
-        return tf.logical_and(x1, x2)
-
-    @staticmethod
-    def logical_or(x1, x2, /):
-        return tf.logical_or(x1, x2)
-
-    @staticmethod
-    def logical_not(x, /):
-        return tf.logical_not(x)
-
-    @staticmethod
-    def isfinite(x, /):
-        return tf.math.is_finite(x)
-
-    @staticmethod
-    def all(x, /, *, axis=None, keepdims=False):
-        return tf.reduce_all(x, axis=axis, keepdims=keepdims)
-
-    @staticmethod
-    def maximum(x1, x2, /):
-        return tf.maximum(x1, x2)
-
-    @staticmethod
-    def minimum(x1, x2, /):
-        return tf.minimum(x1, x2)
-
-    @staticmethod
-    def clip(x, /, min=None, max=None):
-        x = x if min is None else tf.maximum(x, _like(min, x))
-        return x if max is None else tf.minimum(x, _like(max, x))
-
-    @staticmethod
-    def zeros_like(x, /, *, dtype=None, device=None):
-        return tf.zeros_like(x, dtype=dtype)
-
-    @staticmethod
-    def max(x, /, *, axis=None, keepdims=False):
-        return tf.reduce_max(x, axis=axis, keepdims=keepdims)
-
-    @staticmethod
-    def sum(x, /, *, axis=None, dtype=None, keepdims=False):
-        return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
-
-    @staticmethod
-    def vecdot(x1, x2, /, *, axis=-1):
-        return tf.reduce_sum(x1 * x2, axis=axis)
-
-    @staticmethod
-    def abs(x, /):
-        return tf.abs(x)
-
-    @staticmethod
-    def exp(x, /):
-        return tf.exp(x)
-
-    @staticmethod
-    def log(x, /):
-        return tf.math.log(x)
 
 
 def _leaves(tree):
@@ -161,15 +36,24 @@ def _leaves(tree):
 def _rebuild(tree, leaves):
     """``tree`` with its array leaves replaced by ``leaves`` (Nones stay None)."""
     it = iter(leaves)
-    return tf.nest.pack_sequence_as(
-        tree, [None if a is None else next(it) for a in tf.nest.flatten(tree)]
+    flat = [None if a is None else next(it) for a in tf.nest.flatten(tree)]
+    return tf.nest.pack_sequence_as(tree, flat)
+
+
+def _while(body, loop_vars, trips):
+    return tf.while_loop(
+        lambda i, *_: i < trips[1],
+        body,
+        loop_vars,
+        maximum_iterations=trips[0],
+        parallel_iterations=_PARALLEL_TRIPS,
     )
 
 
 @tf.custom_gradient
 def _first_order_only(x):
-    """Identity whose derivative raises: the residuals of ``custom_vjp`` are computed
-    without the tape (see there), so a second derivative through them would be wrong."""
+    """Identity whose derivative raises: ``custom_vjp``'s residuals are computed off the
+    tape, so a second derivative through them would be wrong."""
 
     def grad(_):
         raise NotImplementedError(
@@ -181,17 +65,11 @@ def _first_order_only(x):
     return tf.identity(x), grad
 
 
-def _is_float_tensor(x):
-    return isinstance(x, (tf.Tensor, tf.Variable)) and x.dtype.is_floating
-
-
 class TensorFlowBackend(Backend):
     name = "tensorflow"
-    # Decoding: key chunk from `bench masks`-style sweeps at a 32k cache (README, tuning).
-    decode_key_chunk = 16384
-    # From `python -m uniattn.bench tune` on the project's 2-core CPU (README, tuning).
-    compiles_per_shape = True  # `stage` traces a graph per input shape
+    has_autodiff = True
     default_chunks = (512, 512)
+    decode_key_chunk = 16384
 
     def is_array_type(self, tp):
         return issubclass(tp, (tf.Tensor, tf.Variable))
@@ -199,32 +77,16 @@ class TensorFlowBackend(Backend):
     def namespace(self):
         return Namespace
 
-    def version(self):
-        return tf.__version__
-
     def prepare(self, x):
         return tf.convert_to_tensor(x)  # reads a tf.Variable (the tape still sees it)
-
-    def find_device(self, name):
-        kind, _, index = name.upper().replace("CUDA", "GPU").partition(":")
-        wanted = f"{kind}:{index or 0}"
-        names = [d.name for d in tf.config.list_logical_devices()]
-        if not any(n.endswith(f"device:{wanted}") for n in names):
-            raise ValueError(f"device: TensorFlow has no device {name!r} here (it has {names})")
-        return wanted
-
-    def platform(self, x):
-        # "/job:localhost/replica:0/task:0/device:GPU:0" -> "gpu"
-        return x.device.rpartition("device:")[2].partition(":")[0].lower() or "cpu"
 
     def device_scope(self, x):
         # TF places an op on its default device, not its inputs'; keep the inputs'.
         return tf.device(x.device) if getattr(x, "device", "") else contextlib.nullcontext()
 
     def stage(self, fn):
-        # Eager TF allocates every op's output afresh (at n 4096, 8 heads, about 650 MB of
-        # fresh pages per call on glibc); a graph reuses buffers and overlaps two chunks:
-        # about 2x faster. No XLA: TF keeps every compiled shape for the process's life.
+        # A graph reuses buffers and overlaps two chunks; eager TF allocates every op's
+        # output afresh. No XLA: TF keeps every compiled shape for the process's life.
         graph = tf.function(fn, reduce_retracing=False, autograph=False)
 
         def staged(*args):
@@ -244,8 +106,8 @@ class TensorFlowBackend(Backend):
             )
         if length == 0:
             return init, None
-        # Graph mode: peel step 0 to learn the structure of y, then a tf.while_loop over
-        # TensorArrays (whose gradients stack, like lax.scan's). None leaves stay outside.
+        # Peel step 0 to learn the structure of y, then a tf.while_loop over TensorArrays
+        # (whose gradients stack, like lax.scan's). None leaves stay outside.
         inputs = [tf.TensorArray(x.dtype, size=length).unstack(x) for x in xs]
         carry, y = step(init, 0, tuple(t.read(0) for t in inputs))
         if length == 1:  # XLA rejects the gradient of a while loop of 0 iterations
@@ -257,19 +119,11 @@ class TensorFlowBackend(Backend):
 
         def body(i, carry_leaves, outs):
             c, y_i = step(_rebuild(carry, carry_leaves), i, tuple(t.read(i) for t in inputs))
-            return (
-                i + 1,
-                _leaves(c),
-                [o.write(i, a) for o, a in zip(outs, _leaves(y_i), strict=True)],
-            )
+            outs = [o.write(i, a) for o, a in zip(outs, _leaves(y_i), strict=True)]
+            return i + 1, _leaves(c), outs
 
-        _, carry_leaves, outs = tf.while_loop(
-            lambda i, *_: i < length,
-            body,
-            (tf.constant(1), _leaves(carry), outs),
-            maximum_iterations=length - 1,
-            parallel_iterations=_PARALLEL_TRIPS,
-        )
+        loop_vars = (tf.constant(1), _leaves(carry), outs)
+        _, carry_leaves, outs = _while(body, loop_vars, (length - 1, length))
         return _rebuild(carry, carry_leaves), _rebuild(y, [o.stack() for o in outs])
 
     def fori_loop(self, lower, upper, body, init, max_trips):
@@ -280,51 +134,8 @@ class TensorFlowBackend(Backend):
             return i + 1, _leaves(body(i, _rebuild(init, leaves)))
 
         lower = tf.convert_to_tensor(lower, tf.int32)
-        _, leaves = tf.while_loop(
-            lambda i, _: i < upper,
-            loop_body,
-            (lower, _leaves(init)),
-            maximum_iterations=max_trips,
-            parallel_iterations=_PARALLEL_TRIPS,
-        )
+        _, leaves = _while(loop_body, (lower, _leaves(init)), (max_trips, upper))
         return _rebuild(init, leaves)
-
-    def add_at(self, x, start, update, axis):
-        # A scatter of the update's rows, which takes a traced start under XLA too (tf.pad
-        # and tf.slice do not). It still copies x where TF cannot reuse x's buffer, as in
-        # its loops, which is why the backward accumulates through `blocks` below (README,
-        # scale). x is viewed as [lead, length, trail], a free reshape.
-        axis %= x.ndim
-        lead = math.prod(x.shape[:axis])
-        size, trail = update.shape[axis], math.prod(x.shape[axis + 1 :])
-        update = tf.broadcast_to(update, [*x.shape[:axis], size, *x.shape[axis + 1 :]])
-        rows = tf.range(size) + tf.cast(start, tf.int32)
-        index = tf.stack(tf.meshgrid(tf.range(lead), rows, indexing="ij"), axis=-1)
-        out = tf.tensor_scatter_nd_add(
-            tf.reshape(x, [lead, x.shape[axis], trail]),
-            index,
-            tf.reshape(update, [lead, size, trail]),
-        )
-        return tf.reshape(out, x.shape)
-
-    def blocks(self, zeros):
-        # Held apart: TF's loops copy a carried tensor that they update (add_at copies
-        # all of it per trip: at n 131072, a 32 MiB dQ per chunk pair). A TensorArray
-        # (a TensorList in a graph) swaps one block per update; eagerly, a list does.
-        if tf.executing_eagerly():
-            return tf.unstack(zeros, num=zeros.shape[0])
-        array = tf.TensorArray(zeros.dtype, size=zeros.shape[0], element_shape=zeros.shape[1:])
-        return array.unstack(zeros)
-
-    def add_block(self, blocks, index, update):
-        if isinstance(blocks, list):
-            blocks = list(blocks)
-            blocks[int(index)] = blocks[int(index)] + update
-            return blocks
-        return blocks.write(index, blocks.read(index) + update)
-
-    def stacked(self, blocks):
-        return tf.stack(blocks) if isinstance(blocks, list) else blocks.stack()
 
     def remat(self, fn):
         # tf.recompute_grad differentiates its float tensor arguments only; everything
@@ -345,9 +156,6 @@ class TensorFlowBackend(Backend):
     def stop_gradient(self, x):
         return tf.stop_gradient(x)
 
-    def softmax(self, s):
-        return tf.nn.softmax(s)  # oneDNN's fused kernel where TF uses oneDNN
-
     def cond(self, pred, fast, safe, operands):
         return tf.cond(pred, lambda: fast(*operands), lambda: safe(*operands))
 
@@ -366,6 +174,60 @@ class TensorFlowBackend(Backend):
 
         return f
 
+    def vjp(self, fn, *primals):
+        primals = [tf.identity(p) for p in primals]
+        with tf.GradientTape() as tape:
+            for p in primals:
+                tape.watch(p)
+            out = fn(*primals)
+
+        def vjp_fn(d_out):
+            zero = tf.UnconnectedGradients.ZERO
+            grads = tape.gradient(out, primals, output_gradients=d_out, unconnected_gradients=zero)
+            return tuple(grads)
+
+        return out, vjp_fn
+
+    # -- performance hooks (docs/backends.md) ------------------------------------------
+    def blocks(self, zeros):
+        # A graph's loop copies a tensor it updates on every trip; a TensorArray swaps one
+        # block per update. Eagerly, the default list does the same.
+        if tf.executing_eagerly():
+            return super().blocks(zeros)
+        array = tf.TensorArray(zeros.dtype, size=zeros.shape[0], element_shape=zeros.shape[1:])
+        return array.unstack(zeros)
+
+    def add_block(self, blocks, index, update):
+        if isinstance(blocks, list):
+            return super().add_block(blocks, index, update)
+        return blocks.write(index, blocks.read(index) + update)
+
+    def stacked(self, blocks):
+        return tf.stack(blocks) if isinstance(blocks, list) else blocks.stack()
+
+
+def _is_float_tensor(x):
+    return isinstance(x, (tf.Tensor, tf.Variable)) and x.dtype.is_floating
+
+
+class TensorFlowHarness(Harness):
+    compiles_per_shape = True  # `stage` traces a graph per input shape
+
+    def version(self):
+        return tf.__version__
+
+    def find_device(self, name):
+        kind, _, index = name.upper().replace("CUDA", "GPU").partition(":")
+        wanted = f"{kind}:{index or 0}"
+        names = [d.name for d in tf.config.list_logical_devices()]
+        if not any(n.endswith(f"device:{wanted}") for n in names):
+            raise ValueError(f"device: TensorFlow has no device {name!r} here (it has {names})")
+        return wanted
+
+    def platform(self, x):
+        # "/job:localhost/replica:0/task:0/device:GPU:0" -> "gpu"
+        return x.device.rpartition("device:")[2].partition(":")[0].lower() or "cpu"
+
     def asarray(self, a, dtype=None):
         where = self.array_device
         with contextlib.nullcontext() if where is None else tf.device(where):
@@ -377,29 +239,14 @@ class TensorFlowBackend(Backend):
             x = tf.cast(x, tf.float32)
         return np.array(x.numpy(), copy=True)
 
-    def vjp(self, fn, *primals):
-        primals = [tf.identity(p) for p in primals]
-        with tf.GradientTape() as tape:
-            for p in primals:
-                tape.watch(p)
-            out = fn(*primals)
-
-        def vjp_fn(d_out):
-            return tuple(
-                tape.gradient(
-                    out,
-                    primals,
-                    output_gradients=d_out,
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                )
-            )
-
-        return out, vjp_fn
+    def jit(self, fn):
+        # No AutoGraph: uniattn's loops are tf.while_loop already, and AutoGraph's
+        # conversion cache was seen to hand one test function's code to another.
+        return tf.function(fn, jit_compile=True, reduce_retracing=False, autograph=False)
 
     def reset_peak_memory(self):
-        # With oneDNN on (TF's default on CPUs with AVX-512 VNNI/BF16 or AMX), large
-        # tensors come from a pooling allocator whose pages stay resident after a call:
-        # peak RSS would read 0. It keeps statistics; TF's plain CPU allocator does not.
+        # With oneDNN on, large tensors come from a pooling allocator whose pages stay
+        # resident after a call (peak RSS would read 0); it keeps statistics.
         try:
             tf.config.experimental.reset_memory_stats("CPU:0")
             return tf.config.experimental.get_memory_info("CPU:0")["current"]
@@ -409,12 +256,9 @@ class TensorFlowBackend(Backend):
     def peak_memory(self):
         return tf.config.experimental.get_memory_info("CPU:0")["peak"]
 
-    def jit(self, fn):
-        # uniattn needs no AutoGraph (its loops are tf.while_loop); leaving it off keeps
-        # AutoGraph from converting the test harness, whose conversion cache was seen to
-        # hand one function's converted code to another late in a long test session.
-        # test_compiled.py checks a tf.function with AutoGraph on.
-        return tf.function(fn, jit_compile=True, reduce_retracing=False, autograph=False)
+    def softmax(self, s):
+        return tf.nn.softmax(s)
 
 
 backend = TensorFlowBackend()
+harness = TensorFlowHarness(backend)

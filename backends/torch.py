@@ -10,11 +10,10 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 
-from . import LOG2_E, Backend, python_fori, python_scan
+from ._base import LOG2_E, Backend, Harness, python_scan
 
-# array_api_compat's torch namespace, with torch's own matmul: uniattn only multiplies
-# operands of one dtype, where compat's promotion checks (two ``Tensor.to`` calls a
-# product) are pure Python overhead in the inner loop.
+# array-api-compat's torch namespace with torch's own matmul: uniattn multiplies operands
+# of one dtype only, where compat's promotion checks are pure overhead in the inner loop.
 xp = types.SimpleNamespace(
     **{name: getattr(compat, name) for name in dir(compat) if not name.startswith("__")}
 )
@@ -27,35 +26,15 @@ def _needs_grad(args):
     )
 
 
-def _flatten(tree):
-    """Leaves and structure of nested tuples and lists."""
-    if isinstance(tree, (tuple, list)):
-        parts = [_flatten(x) for x in tree]
-        return [leaf for leaves, _ in parts for leaf in leaves], (type(tree), [s for _, s in parts])
-    return [tree], None
-
-
-def _unflatten(structure, leaves):
-    it = iter(leaves)
-
-    def build(s):
-        if s is None:
-            return next(it)
-        kind, children = s
-        return kind(build(c) for c in children)
-
-    return build(structure)
-
-
 class _CustomVJP(torch.autograd.Function):
     """``Backend.custom_vjp``: ``apply(fwd, bwd, *args)``."""
 
     @staticmethod
     def forward(ctx, fwd, bwd, *args):
         out, residuals = fwd(*args)
-        # Tensors go through save_for_backward: keeping the outputs on ctx itself would
-        # make a reference cycle (output -> grad_fn -> ctx -> output).
-        leaves, ctx.structure = _flatten(residuals)
+        # Tensors go through save_for_backward: keeping them on ctx itself would make a
+        # reference cycle (output -> grad_fn -> ctx -> output).
+        leaves, ctx.structure = torch.utils._pytree.tree_flatten(residuals)
         ctx.bwd = bwd
         ctx.is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
         ctx.others = [None if t else x for x, t in zip(leaves, ctx.is_tensor, strict=True)]
@@ -66,22 +45,20 @@ class _CustomVJP(torch.autograd.Function):
     def backward(ctx, *d_out):
         tensors = iter(ctx.saved_tensors)
         leaves = [next(tensors) if t else x for x, t in zip(ctx.others, ctx.is_tensor, strict=True)]
-        residuals = _unflatten(ctx.structure, leaves)
+        residuals = torch.utils._pytree.tree_unflatten(leaves, ctx.structure)
         grads = ctx.bwd(residuals, d_out[0] if len(d_out) == 1 else d_out)
         return (None, None, *grads)
 
 
 class TorchBackend(Backend):
     name = "torch"
+    has_autodiff = True
 
     def is_array_type(self, tp):
         return issubclass(tp, torch.Tensor)
 
     def namespace(self):
         return xp
-
-    def version(self):
-        return torch.__version__
 
     def dtype_name(self, x):
         return str(x.dtype).removeprefix("torch.")
@@ -92,32 +69,10 @@ class TorchBackend(Backend):
     def is_accelerator(self, device):
         return device.type != "cpu"
 
-    def find_device(self, name):
-        try:
-            device = torch.device(name)
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as e:  # unknown kind; not compiled in
-            raise ValueError(f"device: torch has no device {name!r} here ({e})") from None
-        return device
-
-    def platform(self, x):
-        return x.device.type
-
     def scan(self, step, init, xs, length):
         # unbind once: its backward stacks the chunk gradients in one go, where indexing
         # each step would scatter into a fresh zero tensor per chunk.
         return python_scan(step, init, [x.unbind(0) for x in xs], length, torch.stack)
-
-    def fori_loop(self, lower, upper, body, init, max_trips):
-        return python_fori(lower, upper, body, init)
-
-    def add_at(self, x, start, update, axis):
-        start, size = int(start), update.shape[axis]
-        if _needs_grad((x, update)):  # out of place: autograd may need x as it was
-            part = x.narrow(axis, start, size) + update
-            return x.slice_scatter(part, dim=axis, start=start, end=start + size)
-        x.narrow(axis, start, size).add_(update)
-        return x
 
     def remat(self, fn):
         def rematerialised(*args):
@@ -130,16 +85,6 @@ class TorchBackend(Backend):
     def stop_gradient(self, x):
         return x.detach()
 
-    def exp_shifted(self, s, shift):
-        if s.requires_grad:  # autograd may need s: out of place
-            return torch.exp(s - shift)
-        # In place, and as exp2: torch's CPU exp2 takes about half the time of its exp,
-        # which is the costliest pass over a score block; the extra scaling pass is cheap.
-        return s.sub_(shift).mul_(LOG2_E).exp2_()
-
-    def softmax(self, s):
-        return torch.softmax(s, dim=-1)
-
     def cond(self, pred, fast, safe, operands):
         if torch.compiler.is_compiling():  # no graph break on a value: always safe
             return safe(*operands)
@@ -149,16 +94,6 @@ class TorchBackend(Backend):
         # One Function class for every call, with fwd and bwd passed to it: torch.compile
         # cannot trace a class defined while it traces (a graph break).
         return functools.partial(_CustomVJP.apply, fwd, bwd)
-
-    def asarray(self, a, dtype=None):
-        t = torch.from_numpy(np.array(a, copy=True))
-        return t.to(self.array_device, None if dtype is None else getattr(torch, dtype))
-
-    def to_numpy(self, x):
-        x = x.detach()
-        if x.is_floating_point() and x.element_size() < 4:
-            x = x.float()
-        return x.cpu().numpy().copy()
 
     def vjp(self, fn, *primals):
         primals = [p.detach().requires_grad_(p.is_floating_point()) for p in primals]
@@ -170,6 +105,38 @@ class TorchBackend(Backend):
             return tuple(next(grads) if p.requires_grad else None for p in primals)
 
         return out, vjp_fn
+
+    def exp_shifted(self, s, shift):
+        if s.requires_grad:  # autograd may need s: out of place
+            return torch.exp(s - shift)
+        # In place, and as exp2, about half the time of exp on the CPU.
+        return s.sub_(shift).mul_(LOG2_E).exp2_()
+
+
+class TorchHarness(Harness):
+    def version(self):
+        return torch.__version__
+
+    def find_device(self, name):
+        try:
+            device = torch.device(name)
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:  # unknown kind; not compiled in
+            raise ValueError(f"device: torch has no device {name!r} here ({e})") from None
+        return device
+
+    def platform(self, x):
+        return x.device.type
+
+    def asarray(self, a, dtype=None):
+        t = torch.from_numpy(np.array(a, copy=True))
+        return t.to(self.array_device, None if dtype is None else getattr(torch, dtype))
+
+    def to_numpy(self, x):
+        x = x.detach()
+        if x.is_floating_point() and x.element_size() < 4:
+            x = x.float()
+        return x.cpu().numpy().copy()
 
     def jit(self, fn):
         return torch.compile(fn, fullgraph=False, dynamic=False)
@@ -190,5 +157,9 @@ class TorchBackend(Backend):
     def peak_memory(self):
         return torch.cuda.max_memory_allocated()
 
+    def softmax(self, s):
+        return torch.softmax(s, dim=-1)
+
 
 backend = TorchBackend()
+harness = TorchHarness(backend)

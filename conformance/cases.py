@@ -220,7 +220,7 @@ _CASES = [
     Case("mqa", 30, 45, heads=4, kv_heads=1, chunks=(8, 8)),
     Case("decode", 1, 100, heads=4, kv_heads=2, causal=True, chunks=(1, 32)),
     Case("scale", 30, 30, scale=0.05),
-    # -- window, lengths, callables (issue 4) ------------------------------------------
+    # -- window, lengths, callables ----------------------------------------------------
     Case("window", 50, 50, window=(7, 3), chunks=(8, 8), dtypes=ALL_DTYPES),
     Case("window-causal-left", 45, 60, causal=True, window=(10, None), chunks=(8, 16)),
     Case("window-right-only", 40, 40, window=(None, 5), chunks=(16, 8)),
@@ -324,7 +324,7 @@ _CASES = [
         dtypes=("float32",),  # structural: any dtype shows it
     ),
     Case("empty-batch-bias", 5, 7, batch=(0,), bias=(1, 2, 5, 7), dtypes=("float32",)),
-    # SPEC §2 and issue 6: -inf in an additive bias is a mask, fully -inf rows included.
+    # -inf in an additive bias is a mask, fully -inf rows included.
     Case(
         "bias-minus-inf",
         20,

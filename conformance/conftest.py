@@ -72,10 +72,11 @@ def pytest_configure(config):
 
 
 def loaded_backends(config) -> list:
-    """The selected adapters (imported on first use), placed on ``--device`` if given."""
+    """The selected backends' harnesses (imported on first use), placed on ``--device``
+    if given."""
     if config.uniattn_loaded is None:
         device = config.getoption("device")
-        loaded = [backends.load(n) for n in config.uniattn_backends]
+        loaded = [backends.harness(n) for n in config.uniattn_backends]
         if device is not None:
             try:
                 loaded = [b.on(device) for b in loaded]

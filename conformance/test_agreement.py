@@ -23,7 +23,7 @@ AGREEMENT_CASES = [
 
 @pytest.fixture(scope="module")
 def selected(request):
-    chosen = [backends.load(n) for n in request.config.uniattn_backends]
+    chosen = [backends.harness(n) for n in request.config.uniattn_backends]
     if len(chosen) < 2:
         pytest.skip("agreement needs at least two backends (select more with --backend)")
     return chosen

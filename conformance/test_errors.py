@@ -1,6 +1,6 @@
-"""Every misuse of SPEC §2 "Errors", on every backend's arrays, eager and compiled.
+"""Every documented misuse (README, "Errors"), on every backend's arrays, eager and compiled.
 
-``tests/test_errors.py`` covers each argument's checks in depth on NumPy; here each SPEC
+``tests/test_errors.py`` covers each argument's checks in depth on NumPy; here each documented
 item is tried with the backend's own arrays, so that no error comes from deep inside a
 framework (a framework's message would name none of our arguments).
 """
@@ -29,11 +29,11 @@ def _other_framework(backend):
     """An array of another installed framework (NumPy unless the backend is NumPy)."""
     for name in uniattn.backends.installed():
         if name != backend.name:
-            return uniattn.backends.load(name)
+            return uniattn.backends.harness(name)
     pytest.skip("needs a second framework")
 
 
-# SPEC item -> (misuse(backend, q, k, v) -> attention kwargs, exception, message patterns)
+# misuse -> (misuse(backend, q, k, v) -> attention kwargs, exception, message patterns)
 MISUSES = {
     "arrays of different frameworks": (
         lambda b, q, k, v: dict(key=_other_framework(b).asarray(np.zeros((2, 7, 2, 8)))),

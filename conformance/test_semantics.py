@@ -1,4 +1,4 @@
-"""The semantic rules of SPEC §2, each checked on every backend."""
+"""The semantic rules of ``uniattn.attention``, each checked on every backend."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def _backend(framework: str):
 
     if framework not in backends.installed():
         pytest.skip(f"{framework} is not installed")
-    return backends.load(framework)
+    return backends.harness(framework)
 
 
 def _on(backend, options: dict) -> dict:

@@ -1,8 +1,10 @@
-"""The inner loops' bounds, checked position by position against the mask they stand for.
+"""The chunk geometry and the loop schedule (``uniattn._schedule``).
 
-For every row block (forward) and key chunk (backward) of many small configurations:
-the bands are consecutive and within their trip counts, no visible chunk is left out, and
-a band computed without the structural mask only holds chunks that every row sees whole.
+Geometry: cutting an axis into chunks and joining per-chunk results give back the array,
+for every length and chunk size, overlapping last chunk included. Schedule: for every row
+block (forward) and key chunk (backward) of many small configurations, the bands are
+consecutive and within their trip counts, no visible chunk is left out, and a band computed
+without the structural mask only holds chunks that every row sees whole.
 """
 
 from __future__ import annotations
@@ -13,17 +15,25 @@ import numpy as np
 import pytest
 from uniattn.backends.numpy import backend
 
-from uniattn._chunked import Options, _Context
+from uniattn._schedule import Axis, Schedule, join, maximum, minimum, select, split
 
 WINDOWS = [(None, None), (None, 0), (0, 0), (3, 0), (None, 2), (5, None), (2, 7), (0, None)]
 
 
 def _context(q_len, kv_len, q_chunk, k_chunk, window, groups=1, k_max=None):
-    q = np.zeros((1, 1, groups, q_len, 1))
-    k = np.zeros((1, 1, 1, kv_len, 1))
-    k_lengths = None if k_max is None else np.full((1, 1, 1, 1, 1), k_max, dtype=np.int32)
-    options = Options(1.0, q_chunk, k_chunk, left=window[0], right=window[1])
-    return _Context(backend, q, k, None, k_lengths, options)
+    folded = q_len == 1 and groups > 1
+    return Schedule(
+        backend.namespace(),
+        q_len=q_len,
+        kv_len=kv_len,
+        rows=groups if folded else q_len,
+        folded=folded,
+        query_chunk=q_chunk,
+        key_chunk=k_chunk,
+        left=window[0],
+        right=window[1],
+        k_max=None if k_max is None else np.asarray(k_max, dtype=np.int32),
+    )
 
 
 def _visible(c, q_positions, k_positions):
@@ -31,10 +41,10 @@ def _visible(c, q_positions, k_positions):
     diagonal = np.asarray(q_positions)[:, None] + (c.kv_len - c.q_len)
     keys = np.asarray(k_positions)[None, :]
     seen = np.ones(diagonal.shape[:1] + keys.shape[1:], dtype=bool)
-    if c.options.right is not None:
-        seen &= keys <= diagonal + c.options.right
-    if c.options.left is not None:
-        seen &= keys >= diagonal - c.options.left
+    if c.right is not None:
+        seen &= keys <= diagonal + c.right
+    if c.left is not None:
+        seen &= keys >= diagonal - c.left
     return seen
 
 
@@ -59,7 +69,7 @@ def _configs():
 
 
 @pytest.mark.parametrize("groups", [1, 3], ids=["rows", "folded-heads"])
-def test_key_ranges_cover_every_visible_chunk_and_whole_means_unmasked(groups):
+def test_key_bands_cover_every_visible_chunk_and_whole_means_unmasked(groups):
     checked_whole = 0
     for q_len, kv_len, q_chunk, k_chunk, window, k_max in _configs():
         c = _context(q_len, kv_len, q_chunk, k_chunk, window, groups, k_max)
@@ -67,7 +77,7 @@ def test_key_ranges_cover_every_visible_chunk_and_whole_means_unmasked(groups):
         for r in range(c.rows.count):
             start = c.rows.start(r)
             positions = [0] if c.folded else range(start, start + c.rows.size)
-            bands = _check_bands(c.key_ranges(r), 0, c.keys.count)
+            bands = _check_bands(c.key_bands(r), 0, c.keys.count)
             looped = {j for chunks, _ in bands for j in chunks}
             for j in range(c.keys.count):
                 own = range(max(c.keys.start(j), j * c.keys.size), c.keys.start(j) + c.keys.size)
@@ -82,13 +92,13 @@ def test_key_ranges_cover_every_visible_chunk_and_whole_means_unmasked(groups):
     assert checked_whole > 100  # the check above ran on many whole chunks
 
 
-def test_row_ranges_cover_every_visible_block_and_whole_means_unmasked():
+def test_row_bands_cover_every_visible_block_and_whole_means_unmasked():
     checked_whole = 0
     for q_len, kv_len, q_chunk, k_chunk, window, k_max in _configs():
         c = _context(q_len, kv_len, q_chunk, k_chunk, window, 1, k_max)
         for j in range(c.keys.count):
             own = range(max(c.keys.start(j), j * c.keys.size), c.keys.start(j) + c.keys.size)
-            bands = _check_bands(c.row_ranges(j), 0, c.rows.count)
+            bands = _check_bands(c.row_bands(j), 0, c.rows.count)
             looped = {r for rows, _ in bands for r in rows}
             for r in range(c.rows.count):
                 nominal = range(
@@ -107,3 +117,37 @@ def test_row_ranges_cover_every_visible_block_and_whole_means_unmasked():
                     assert _visible(c, span, keys).all(), (q_len, kv_len, window, j, r)
                     checked_whole += 1
     assert checked_whole > 100
+
+
+@pytest.mark.parametrize(("length", "size"), [(1, 1), (7, 1), (7, 3), (8, 4), (9, 4), (5, 5)])
+def test_split_and_join_give_back_the_array(length, size):
+    """Chunks of one static size; the last overlaps its predecessor where ``size`` does not
+    divide ``length``, and joining drops the overlap."""
+    xp = backend.namespace()
+    cut = Axis(length, size, xp)
+    x = np.arange(2 * length * 3, dtype=np.float64).reshape(2, length, 3)
+    chunks = split(xp, x, -2, cut).chunks
+    assert chunks.shape == (cut.count, 2, size, 3)
+    for i in range(cut.count):
+        start = cut.start(i)
+        assert start == min(i * size, length - size)
+        np.testing.assert_array_equal(chunks[i], x[:, start : start + size])
+    np.testing.assert_array_equal(join(xp, chunks, -2, cut), x)
+    assert cut.overlaps == (length % size != 0)
+
+
+def test_a_broadcast_axis_is_not_cut():
+    xp = backend.namespace()
+    x = np.ones((2, 1, 3))
+    whole = split(xp, x, -2, Axis(6, 2, xp))
+    assert whole.chunks is None and whole.at(1) is x
+    assert split(xp, None, -2, Axis(6, 2, xp)).at(0) is None
+
+
+def test_bounds_stay_ints_where_they_are_static():
+    xp = backend.namespace()
+    assert minimum(xp, 3, 5) == 3 and type(minimum(xp, 3, 5)) is int
+    assert maximum(xp, 3, 5) == 5 and select(xp, False, 1, 2) == 2
+    array = np.asarray(4, dtype=np.int32)
+    assert int(minimum(xp, 6, array)) == 4 and int(maximum(xp, array, 6)) == 6
+    assert int(select(xp, array > 3, 1, 2)) == 1

@@ -1,0 +1,371 @@
+"""The two interfaces an adapter implements: :class:`Backend` and :class:`Harness`.
+
+:class:`Backend` is what the algorithm needs from a framework: its array namespace, its
+loops, rematerialisation, ``stop_gradient``, custom gradients, a conditional and staging.
+Every method has a default that is right for an eager framework with no autodiff, so a
+minimal adapter names its arrays and its namespace; the performance hooks at the end are
+optional overrides, kept where a measurement shows they pay (``docs/backends.md``).
+
+:class:`Harness` is what the conformance suite, the benchmarks and ``python -m uniattn``
+need besides: conversion to and from NumPy, the framework's own autodiff and compiler,
+waiting for results, devices and memory statistics. uniattn's algorithm never calls it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+LOG2_E = 1.4426950408889634  # exp(x) = 2 ** (x * log2(e)), for adapters with a faster exp2
+
+
+class Backend:
+    """What uniattn's algorithm needs from a framework.
+
+    The loop, rematerialisation and custom-gradient methods have the semantics of Keras 3's
+    backends (``scan``, ``remat``, ``custom_gradient``). Arguments called ``carry`` are
+    tuples (or lists) of arrays and Nones whose shapes and dtypes do not change.
+    """
+
+    #: Registry name, e.g. ``"torch"``.
+    name: str
+    #: Float dtypes this backend computes in.
+    dtypes: tuple[str, ...] = FLOAT_DTYPES
+    #: Whether :meth:`vjp` (the framework's own reverse-mode autodiff) exists.
+    has_autodiff: bool = False
+    #: Default (query_chunk_size, key_chunk_size) on the host CPU and on an accelerator
+    #: (``python -m uniattn.bench tune``), and the key chunk of a single query row.
+    default_chunks: tuple[int, int] = (256, 512)
+    accelerator_chunks: tuple[int, int] = (1024, 4096)
+    decode_key_chunk: int = 4096
+
+    # -- identification ----------------------------------------------------------------
+    def is_array_type(self, tp: type) -> bool:
+        """Whether instances of ``tp`` are this framework's arrays."""
+        raise NotImplementedError
+
+    def namespace(self) -> ModuleType | Any:
+        """The array-API namespace the algorithm computes with."""
+        raise NotImplementedError
+
+    def prepare(self, x: Any) -> Any:
+        """An accepted input (e.g. a ``tf.Variable``) as a plain array."""
+        return x
+
+    def dtype_name(self, x: Any) -> str:
+        """The dtype of ``x`` as a NumPy-style name: ``"float32"``, ``"bool"``..."""
+        return str(x.dtype.name)
+
+    def device(self, x: Any) -> Any:
+        """The device to create new arrays on, as the namespace's ``device=`` expects."""
+        return None
+
+    def device_scope(self, x: Any) -> Any:
+        """A context manager in which new computations stay on ``x``'s device."""
+        return contextlib.nullcontext()
+
+    def is_accelerator(self, device: Any) -> bool:
+        """Whether ``device`` (as :meth:`device` gives it) is not the host CPU."""
+        return False
+
+    def chunk_sizes(self, device: Any, decoding: bool) -> tuple[int, int]:
+        """Default (query_chunk_size, key_chunk_size) for arrays on ``device``."""
+        chunks = self.accelerator_chunks if self.is_accelerator(device) else self.default_chunks
+        return chunks[0], self.decode_key_chunk if decoding else chunks[1]
+
+    # -- control flow and differentiation ----------------------------------------------
+    def stage(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` prepared for repeated eager calls with the same static options: a
+        framework that would re-trace its loops on every eager call compiles it here."""
+        return fn
+
+    def scan(
+        self,
+        step: Callable[[Any, Any, tuple], tuple[Any, Any]],
+        init: Any,
+        xs: Sequence,
+        length: int,
+    ) -> tuple[Any, Any]:
+        """``lax.scan`` that also passes the index: ``step(carry, i, x_i) -> (carry, y_i)``.
+
+        ``xs`` is a tuple of arrays of leading size ``length``; ``i`` is a Python int in an
+        eager loop, an int32 0-d array in a traced one; ``y_i`` is None, an array or a
+        tuple of arrays and Nones. Returns the final carry and the ``y_i`` stacked on a new
+        leading axis. The default is a Python loop.
+        """
+        return python_scan(step, init, xs, length, self.namespace().stack)
+
+    def fori_loop(
+        self, lower: Any, upper: Any, body: Callable[[Any, Any], Any], init: Any, max_trips: int
+    ) -> Any:
+        """``carry = body(i, carry)`` for ``i`` in ``range(lower, upper)``; returns ``carry``.
+
+        The bounds are Python ints or int 0-d arrays (traced or data-dependent), with
+        ``upper - lower <= max_trips`` (a static bound, for compilers). Differentiable in
+        reverse mode wherever the framework's loops are. The default is a Python loop.
+        """
+        return python_fori(lower, upper, body, init)
+
+    def remat(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` whose intermediates are recomputed in the backward pass. ``fn`` takes
+        arrays (and Python scalars) positionally; gradients flow to every float argument."""
+        return fn
+
+    def stop_gradient(self, x: Any) -> Any:
+        """``x`` treated as a constant by autodiff."""
+        return x
+
+    def cond(self, pred: Any, fast: Callable[..., Any], safe: Callable[..., Any], operands: tuple):
+        """``fast(*operands)`` if the 0-d bool ``pred`` holds, else ``safe(*operands)``.
+
+        ``safe`` is right whatever ``pred`` says, so an adapter that cannot branch on a
+        value may always take it. The default branches in Python.
+        """
+        return fast(*operands) if bool(pred) else safe(*operands)
+
+    def custom_vjp(
+        self, fwd: Callable[..., tuple[Any, Any]], bwd: Callable[[Any, Any], tuple[Any, ...]]
+    ) -> Callable[..., Any]:
+        """A function ``f(*arrays)`` whose reverse-mode derivative is given by hand.
+
+        ``fwd(*arrays) -> (out, residuals)`` computes ``f``; ``bwd(residuals, d_out)``
+        returns one cotangent per argument of ``f`` (None for a non-float argument).
+        ``out`` is an array or a tuple of arrays and ``d_out`` has the same structure. The
+        default (no autodiff) is ``f`` alone.
+        """
+        return lambda *args: fwd(*args)[0]
+
+    def vjp(self, fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tuple]]:
+        """``(fn(*primals), vjp_fn)`` by the framework's own reverse-mode autodiff, for
+        ``uniattn.vjp(backward="autodiff")``; ``vjp_fn(d_out)`` returns one cotangent per
+        primal and is called once."""
+        raise NotImplementedError(f"{self.name} has no autodiff")
+
+    # -- optional performance hooks ----------------------------------------------------
+    def matmul_transposed(self, a: Any, b: Any) -> Any:
+        """``a @ bᵀ`` over the last two axes: the score product of queries and keys."""
+        xp = self.namespace()
+        return xp.matmul(a, xp.matrix_transpose(b))
+
+    def exp_shifted(self, s: Any, shift: Any) -> Any:
+        """``exp(s - shift)`` to a few ulp. ``s`` is a temporary the caller never reads
+        again: an adapter may overwrite it where autodiff does not need it."""
+        return self.namespace().exp(s - shift)
+
+    def row_sums(self, p: Any) -> Any:
+        """``sum(p, axis=-1, keepdims=True)``: the row sums of a block of probabilities."""
+        return self.namespace().sum(p, axis=-1, keepdims=True)
+
+    def chunks(self, stacked: Any) -> Any:
+        """``stacked`` (chunks on axis 0) as a loop body indexes it: ``chunks(s)[i]``.
+
+        The result is passed to :meth:`remat`-wrapped functions, so it must be something
+        they accept as an argument. The default is the array itself.
+        """
+        return stacked
+
+    def blocks(self, zeros: Any) -> Any:
+        """An accumulator of ``zeros.shape[0]`` blocks, all 0, for :meth:`add_block`.
+
+        ``zeros`` stacks them on axis 0. The default holds them as a Python list (eager
+        loops); an adapter whose loops are traced holds them its own way.
+        """
+        return [zeros[i, ...] for i in range(zeros.shape[0])]
+
+    def add_block(self, blocks: Any, index: Any, update: Any) -> Any:
+        """``blocks`` with ``update`` added to block ``index`` (an int or int 0-d array).
+        Functional semantics; the caller never uses ``blocks`` again."""
+        blocks = list(blocks)
+        blocks[int(index)] = blocks[int(index)] + update
+        return blocks
+
+    def stacked(self, blocks: Any) -> Any:
+        """The blocks of an accumulator, stacked on axis 0 in one array."""
+        return self.namespace().stack(blocks)
+
+    def cond_call(
+        self,
+        pred: Any,
+        fn: Callable[..., Any],
+        sanitize: Callable[..., tuple],
+        operands: tuple,
+        passed: tuple = (),
+    ):
+        """``fn(*operands, *passed)`` if the 0-d bool ``pred`` holds, else
+        ``fn(*sanitize(*operands), *passed)``.
+
+        The default branches on ``operands`` alone (:meth:`cond`), so a graph holds ``fn``
+        once; an adapter whose conditional copies the arrays it returns branches around
+        ``fn`` instead.
+        """
+        return fn(*self.cond(pred, _identity, sanitize, operands), *passed)
+
+    def __repr__(self) -> str:
+        return f"<uniattn backend {self.name!r}>"
+
+
+def _identity(*arrays):
+    return arrays
+
+
+def python_scan(step: Callable, init: Any, slices: Sequence, length: int, stack: Callable):
+    """:meth:`Backend.scan` as a Python loop: ``slices[j][i]`` is step ``i``'s value of
+    ``xs[j]``; ``stack`` stacks a list of arrays."""
+    carry, ys = init, []
+    for i in range(length):
+        carry, y = step(carry, i, tuple(s[i] for s in slices))
+        ys.append(y)
+    if not ys or ys[0] is None:
+        return carry, None
+    if isinstance(ys[0], tuple):
+        return carry, tuple(None if p[0] is None else stack(list(p)) for p in zip(*ys, strict=True))
+    return carry, stack(ys)
+
+
+def python_fori(lower: Any, upper: Any, body: Callable, init: Any) -> Any:
+    """:meth:`Backend.fori_loop` as a Python loop (bounds may be 0-d arrays)."""
+    carry = init
+    for i in range(int(lower), int(upper)):
+        carry = body(i, carry)
+    return carry
+
+
+class Harness:
+    """What tests, benchmarks and the CLI need of a framework besides :class:`Backend`.
+
+    Parameters
+    ----------
+    adapter : Backend
+        The framework's adapter. :attr:`name`, :attr:`dtypes`, :attr:`has_autodiff` and
+        the methods :meth:`namespace`, :meth:`vjp`, :meth:`stage`, :meth:`device`,
+        :meth:`dtype_name`, :meth:`is_array_type`, :meth:`is_accelerator` and
+        :meth:`chunk_sizes` are the adapter's.
+    """
+
+    #: Whether :meth:`stage` compiles once per input shape (a benchmark then warms up
+    #: every length, not only the first, before it measures).
+    compiles_per_shape: bool = False
+    #: Where :meth:`asarray` creates arrays (None: the framework's default); see :meth:`on`.
+    array_device: Any = None
+
+    def __init__(self, adapter: Backend):
+        self.adapter = adapter
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        return self.adapter.dtypes
+
+    @property
+    def has_autodiff(self) -> bool:
+        return self.adapter.has_autodiff
+
+    def namespace(self) -> Any:
+        return self.adapter.namespace()
+
+    def vjp(self, fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tuple]]:
+        """:meth:`Backend.vjp`."""
+        return self.adapter.vjp(fn, *primals)
+
+    def stage(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """:meth:`Backend.stage`."""
+        return self.adapter.stage(fn)
+
+    def device(self, x: Any) -> Any:
+        return self.adapter.device(x)
+
+    def dtype_name(self, x: Any) -> str:
+        return self.adapter.dtype_name(x)
+
+    def is_array_type(self, tp: type) -> bool:
+        return self.adapter.is_array_type(tp)
+
+    def is_accelerator(self, device: Any) -> bool:
+        return self.adapter.is_accelerator(device)
+
+    def chunk_sizes(self, device: Any, decoding: bool) -> tuple[int, int]:
+        return self.adapter.chunk_sizes(device, decoding)
+
+    def version(self) -> str:
+        """The framework's version string."""
+        raise NotImplementedError
+
+    # -- arrays and devices -----------------------------------------------------------
+    def asarray(self, a: np.ndarray, dtype: str | None = None) -> Any:
+        """A framework array with the values of ``a``, cast to ``dtype`` if given, on
+        :attr:`array_device`."""
+        raise NotImplementedError
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """A NumPy copy of ``x``; 16-bit floats come back as float32."""
+        raise NotImplementedError
+
+    def on(self, device: str) -> Harness:
+        """A copy whose :meth:`asarray` creates arrays on ``device``, the framework's own
+        name for it (torch ``"cuda:1"``, JAX ``"gpu"``, TensorFlow ``"GPU:0"``, ``"cpu"``).
+        Raises ValueError for a device the framework does not have."""
+        placed = copy.copy(self)
+        placed.array_device = self.find_device(device)
+        return placed
+
+    def find_device(self, name: str) -> Any:
+        """The framework's device called ``name``, for :meth:`on`."""
+        if name.lower() != "cpu":
+            raise ValueError(f"device must be 'cpu' for {self.name}; got {name!r}")
+        return "cpu"
+
+    def platform(self, x: Any) -> str:
+        """The kind of device ``x`` lives on, lower case: ``"cpu"``, ``"cuda"``, ``"gpu"``..."""
+        return "cpu"
+
+    def array_platform(self) -> str:
+        """:meth:`platform` of the arrays :meth:`asarray` creates."""
+        import numpy as np
+
+        return self.platform(self.asarray(np.zeros(1)))
+
+    # -- compiling, timing and memory --------------------------------------------------
+    def jit(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` compiled by the framework's compiler (itself if there is none)."""
+        return fn
+
+    def precompile(self, fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
+        """``fn`` ready to run on ``args`` with nothing left to compile or load. The
+        default runs it once; an adapter whose allocator keeps what a warm-up freed
+        compiles ahead of time instead, so that a peak measured next starts clean."""
+        self.block(fn(*args))
+        return fn
+
+    def block(self, x: Any) -> Any:
+        """Wait until ``x`` is computed (asynchronous frameworks); returns ``x``."""
+        return x
+
+    def reset_peak_memory(self) -> int | None:
+        """Reset the peak statistic of the framework's own allocator and return the bytes
+        it holds now; None where it keeps no statistics (then peak RSS is the measure)."""
+        return None
+
+    def peak_memory(self) -> int:
+        """The allocator's peak in bytes since :meth:`reset_peak_memory`."""
+        raise NotImplementedError
+
+    def softmax(self, s: Any) -> Any:
+        """``softmax(s)`` over the last axis, by the framework's own function where it has
+        one: plain attention, the benchmarks' baseline, is what a user would write."""
+        xp = self.namespace()
+        e = xp.exp(s - xp.max(s, axis=-1, keepdims=True))
+        return e / xp.sum(e, axis=-1, keepdims=True)
+
+    def __repr__(self) -> str:
+        where = "" if self.array_device is None else f" on {self.array_device}"
+        return f"<uniattn harness {self.name!r}{where}>"

@@ -1,0 +1,445 @@
+"""Memory-efficient attention (Rabe & Staats 2021), written once against the array API.
+
+Arrays arrive in the canonical layout that :mod:`uniattn._arguments` prepares::
+
+    q              [*batch, kv_heads, groups, q_len, d_k]   (heads = kv_heads * groups)
+    k              [*batch, kv_heads, 1,      kv_len, d_k]
+    v              [*batch, kv_heads, 1,      kv_len, d_v]
+    bias, mask     same rank as q; every axis either full or 1 (broadcast)
+    q/k_lengths    [*batch, 1, 1, 1, 1] int32, or None
+
+**Forward** (:func:`forward`). The outer loop runs over blocks of query rows, the inner
+loop over key chunks. The inner loop carries, per row, the running maximum ``m`` of the
+scores, the running sum ``l`` of ``exp(score - m)`` and the unnormalised output ``acc``;
+each key chunk rescales them by ``exp(m_old - m_new)``. The result is ``acc / l`` and the
+per-row logsumexp ``m + log(l)``.
+
+**Backward** (:func:`backward`, FlashAttention-2 §3.2). From the output ``O`` and the
+logsumexp alone, each chunk's probabilities are recomputed, ``P = exp(S - lse)``; with
+``Δ = rowsum(dO ∘ O)``: ``dV += Pᵀ dO``, ``dS = P ∘ (dO Vᵀ - Δ)``, ``dQ += dS K``,
+``dK += dSᵀ Q`` and ``d_bias = dS``. The outer loop runs over key chunks (dK and dV in the
+inner loop's carry), the inner loop over row blocks (dQ accumulated per row block).
+
+Which chunk pairs are computed, and which need the causal or window mask, is the
+schedule's business (:mod:`uniattn._schedule`): only one ``q_chunk x k_chunk`` block of
+scores per head exists at a time, and chunks that no row can see are never computed.
+
+**Non-finite inputs.** The forward and the backward each branch once
+(``Backend.cond_call``): inputs whose entries are all finite, padding included, take the
+algorithm as it is; the others first zero the padding and isolate non-finite keys and rows
+(:meth:`_Context.isolated`; the backward zeroes every non-finite entry instead).
+
+Everything here is array-API calls on ``xp`` and calls to the adapter contract
+(:class:`uniattn.backends.Backend`): loops, rematerialisation, ``stop_gradient``,
+``cond_call``, and the optional hooks ``matmul_transposed``, ``exp_shifted``,
+``row_sums``, ``chunks`` and the block accumulator.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ._schedule import Schedule, Split, join, scan_chunks, split
+
+NEG_INF = float("-inf")
+NAN = float("nan")
+
+
+class Options(NamedTuple):
+    """Static (hashable) options of one call, after validation.
+
+    ``left``/``right`` bound the keys a query sees relative to its diagonal (None:
+    unbounded; ``causal`` is ``right=0``). ``bias_fn``/``mask_fn`` map absolute positions
+    ``([q_chunk, 1], [1, k_chunk])`` to a block in the canonical layout.
+    """
+
+    scale: float
+    query_chunk_size: int
+    key_chunk_size: int
+    left: int | None = None
+    right: int | None = None
+    bias_fn: Callable | None = None
+    mask_fn: Callable | None = None
+
+
+# -- forward -------------------------------------------------------------------------------
+def forward(
+    backend: Any, q, k, v, bias, mask, q_lengths, k_lengths, *, options: Options, remat=True
+):
+    """Attention output ``[*batch, kv_heads, groups, q_len, d_v]`` and its logsumexp.
+
+    Both are in the accumulation dtype, float32 (float64 for float64 inputs): the caller
+    rounds the output to the input dtype, and the backward's ``Δ = rowsum(dO ∘ O)`` uses
+    the unrounded one. The logsumexp ``[*batch, kv_heads, groups, q_len]`` is ``-inf`` on
+    rows that see no key; those rows' output is 0. With ``remat`` each chunk's
+    intermediates are recomputed when the framework differentiates through the loops.
+    """
+    c = _Context(backend, q, k, q_lengths, k_lengths, options)
+    xp = c.xp
+    if c.empty:
+        zero = _connected_zero(xp, c.acc_dtype, q, k, v, bias)
+        out = c.zeros((*q.shape[:-1], v.shape[-1])) + zero
+        return out, xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device) + zero
+    q, k, v = c.lift(c.fold(q)), c.lift(k), c.lift(v)
+    if k.shape[-1] == 0:
+        # Zero-width keys: a zero column in q and k (the scores stay 0), so that a key
+        # whose value is not finite has an entry for `isolated` to make NaN.
+        q, k = (xp.concat((x, c.zeros((*x.shape[:-1], 1))), axis=-1) for x in (q, k))
+    bias, mask = c.lift(c.fold(bias)), c.fold(mask)
+    attend = functools.partial(_attend, c, remat=remat)
+    return backend.cond_call(c.all_finite(q, k, v), attend, c.isolated, (q, k, v), (bias, mask))
+
+
+def _attend(c: _Context, q, k, v, bias, mask, *, remat: bool):
+    """:func:`forward` of prepared operands: finite, or isolated by :meth:`_Context.isolated`."""
+    backend, xp, schedule = c.backend, c.xp, c.schedule
+
+    def fold_in(m, l, acc, q_c, k_c, v_c, bias_c, mask_c, r, j, *, masked):
+        """Fold key chunk ``j`` into the running (max, sum, accumulator) of row block ``r``;
+        ``masked=False`` where every row sees the whole chunk."""
+        s = c.scores(q_c, k_c, bias_c, mask_c, r, j, masked)
+        # The result does not depend on m, so no gradient needs to flow through it.
+        m_new = xp.maximum(m, backend.stop_gradient(xp.max(s, axis=-1, keepdims=True)))
+        m_ref = xp.where(m_new == NEG_INF, 0.0, m_new)  # rows that have seen no key yet
+        p = backend.exp_shifted(s, m_ref)
+        rescale = xp.exp(m - m_ref)
+        l = l * rescale + backend.row_sums(p)
+        acc = acc * rescale + xp.matmul(p, v_c)
+        return m_new, l, acc
+
+    folds = {masked: functools.partial(fold_in, masked=masked) for masked in (False, True)}
+    if remat:
+        folds = {masked: backend.remat(fn) for masked, fn in folds.items()}
+
+    def row_block(q_c, bias_c, mask_c, r, k_chunks, v_chunks):
+        """Output and logsumexp of row block ``r`` against every key chunk it can see."""
+        q_c = q_c * c.options.scale  # per block: a scaled copy of q would be one more n·d
+        bias_by_key = split(xp, bias_c, -1, schedule.keys)
+        mask_by_key = split(xp, mask_c, -1, schedule.keys)
+        # Connected to the inputs even if no key chunk is visible (no loop trip runs).
+        zero = _connected_zero(xp, c.acc_dtype, q_c, k_chunks[0], v_chunks[0], bias_c)
+        rows = q_c.shape[:-1]
+        carry = (
+            xp.full((*rows, 1), NEG_INF, dtype=c.acc_dtype, device=c.device) + zero,
+            c.zeros((*rows, 1)),
+            c.zeros((*rows, v_chunks[0].shape[-1])) + zero,
+        )
+        for band in schedule.key_bands(r):
+
+            def body(j, carry, fold=folds[band.masked]):
+                chunks = (k_chunks[j], v_chunks[j], bias_by_key.at(j), mask_by_key.at(j))
+                return fold(*carry, q_c, *chunks, r, j)
+
+            carry = backend.fori_loop(band.lower, band.upper, body, carry, band.trips)
+        m, l, acc = carry
+        seen = l != 0.0
+        l_safe = xp.where(seen, l, 1.0)
+        lse = xp.where(seen, m + xp.log(l_safe), NEG_INF)
+        return acc / l_safe, lse[..., 0]
+
+    if remat:
+        row_block = backend.remat(row_block)
+    k_chunks = backend.chunks(split(xp, k, -2, schedule.keys).chunks)
+    v_chunks = backend.chunks(split(xp, v, -2, schedule.keys).chunks)
+
+    def step(carry, r, row_chunks):
+        return carry, row_block(*row_chunks, r, k_chunks, v_chunks)
+
+    by_rows = tuple(split(xp, x, -2, schedule.rows) for x in (q, bias, mask))
+    _, (out, lse) = scan_chunks(backend, step, (), by_rows, schedule.rows)
+    out, lse = join(xp, out, -2, schedule.rows), join(xp, lse, -1, schedule.rows)
+    return c.fold(out), c.fold(lse[..., None])[..., 0]
+
+
+# -- backward ------------------------------------------------------------------------------
+def backward(
+    backend: Any, q, k, v, bias, mask, q_lengths, k_lengths, out, lse, d_out, d_lse, *, options
+):
+    """Cotangents ``(dq, dk, dv, d_bias)`` of :func:`forward`'s ``(out, lse)``.
+
+    ``d_lse`` may be None. Each cotangent has its primal's shape and dtype; ``d_bias`` is
+    None without a bias. Rows that see no key get zero gradients.
+    """
+    c = _Context(backend, q, k, q_lengths, k_lengths, options)
+    xp = c.xp
+    dtypes = (q.dtype, k.dtype, v.dtype, None if bias is None else bias.dtype)
+    if c.empty:
+        return tuple(None if x is None else xp.zeros_like(x) for x in (q, k, v, bias))
+    q, k, v = c.lift(c.fold(q)), c.lift(k), c.lift(v)
+    backprop = functools.partial(_backprop, c, dtypes)
+    passed = (bias, mask, out, lse, d_out, d_lse)
+    return backend.cond_call(c.all_finite(q, k, v), backprop, c.zeroed, (q, k, v), passed)
+
+
+class _RowChunk(NamedTuple):
+    """The operands of one row block in the backward, each in the orientation its product
+    needs (transposed once, outside the loops), so no score block is ever transposed."""
+
+    q: Any  # scaled queries [.., rows, d_k]
+    q_t: Any  # their transpose [.., d_k, rows]
+    d_out: Any
+    d_out_t: Any
+    lse: Any  # [.., rows, 1]
+    delta: Any  # Δ = rowsum(dO ∘ O) - d_lse, [.., rows, 1]
+    bias: Any
+    mask: Any
+
+
+def _backprop(c: _Context, dtypes, q, k, v, bias, mask, out, lse, d_out, d_lse):
+    """:func:`backward` of prepared operands: finite, or zeroed by :meth:`_Context.zeroed`."""
+    backend, xp, schedule = c.backend, c.xp, c.schedule
+    t = xp.matrix_transpose
+    # Rows whose output is NaN (they attend a non-finite input, see _Context.isolated)
+    # are constants here: they contribute nothing, so every other gradient stays exact.
+    affected = c.fold(xp.logical_not(xp.logical_or(xp.isfinite(lse), lse == NEG_INF))[..., None])
+    q = q * c.options.scale
+    bias, mask = c.lift(c.fold(bias)), c.fold(mask)
+    d_out = xp.where(affected, 0.0, c.lift(c.fold(d_out)))
+    delta = xp.vecdot(d_out, c.lift(c.fold(out)))[..., None]
+    if d_lse is not None:  # d lse / d S = P, so d_lse joins Δ
+        delta = delta - c.fold(c.lift(d_lse)[..., None])
+    delta = xp.where(affected, 0.0, delta)  # the output is NaN there
+    # P = exp(S - lse) is 0 on rows that see no key (lse -inf) and on affected rows.
+    lse = c.fold(lse[..., None])
+    lse = xp.where(affected, float("inf"), xp.where(lse == NEG_INF, 0.0, lse))
+
+    def by_rows(x, axis=-2):
+        return c.indexed(split(xp, x, axis, schedule.rows))
+
+    rows = (by_rows(q), by_rows(t(q), -1), by_rows(d_out), by_rows(t(d_out), -1))
+    rows += (by_rows(lse), by_rows(delta))
+    dq_sum = _RowSum(c, by_blocks=True)
+    db_sum = _RowSum(c, by_blocks=bias is not None and bias.shape[-2] == schedule.rows.length)
+    bias_by_keys = bias is not None and bias.shape[-1] == c.kv_len
+
+    def pair_grads(row: _RowChunk, r, k_c, v_t, j, masked):
+        """dQ of chunk pair (``r``, ``j``), and its contributions dKᵀ = Qᵀ dS, dVᵀ = dOᵀ P
+        and d_bias = dS."""
+        s = c.scores(row.q, k_c, row.bias, row.mask, r, j, masked, overlapping_rows=masked)
+        p = backend.exp_shifted(s, row.lse)
+        ds = p * (xp.matmul(row.d_out, v_t) - row.delta)
+        dk_t = _sum_groups(xp, xp.matmul(row.q_t, ds))
+        dv_t = _sum_groups(xp, xp.matmul(row.d_out_t, p))
+        db = None if row.bias is None else _sum_to(xp, ds, row.bias.shape)
+        return xp.matmul(ds, k_c), dk_t, dv_t, db
+
+    def key_chunk(k_c, v_c, bias_k, mask_k, j, dq, db):
+        """dK and dV of key chunk ``j``; its contributions added to dQ and d_bias."""
+        row_extras = (split(xp, bias_k, -2, schedule.rows), split(xp, mask_k, -2, schedule.rows))
+        v_t = t(v_c)  # a chunk at a time: no transposed copy of all of v
+        *outer, k_chunk, d_k = k_c.shape
+        if bias_by_keys:  # this chunk's columns of d_bias
+            db = db_sum.zeros((*bias_k.shape[:-1], k_chunk))
+        carry = (c.zeros((*outer, d_k, k_chunk)), c.zeros(v_t.shape), dq, db)
+        for band in schedule.row_bands(j):
+
+            def body(r, carry, masked=band.masked):
+                dk_t, dv_t, dq, db = carry
+                row = _RowChunk(*(s.at(r) for s in (*rows, *row_extras)))
+                g_q, g_kt, g_vt, g_b = pair_grads(row, r, k_c, v_t, j, masked)
+                db = None if db is None else db_sum.add(db, r, g_b)
+                return dk_t + g_kt, dv_t + g_vt, dq_sum.add(dq, r, g_q), db
+
+            carry = backend.fori_loop(band.lower, band.upper, body, carry, band.trips)
+        dk_t, dv_t, dq, db = carry
+        return t(dk_t), t(dv_t), dq, db_sum.value(db) if bias_by_keys else db
+
+    def step(carry, j, key_chunks):
+        dq, db = carry
+        dk, dv, dq, db = key_chunk(*key_chunks, j, dq, db)
+        if bias_by_keys:  # d_bias by key chunk is a per-step output
+            return (dq, None), (dk, dv, db)
+        return (dq, db), (dk, dv, None)
+
+    by_keys = [split(xp, x, -2, schedule.keys) for x in (k, v)]
+    by_keys += [split(xp, x, -1, schedule.keys) for x in (bias, mask)]
+    db = None if bias is None or bias_by_keys else db_sum.zeros(bias.shape)
+    init = (dq_sum.zeros(q.shape), db)
+    (dq, db), (dk, dv, db_by_keys) = scan_chunks(backend, step, init, by_keys, schedule.keys)
+    dk, dv = join(xp, dk, -2, schedule.keys), join(xp, dv, -2, schedule.keys)
+    if bias_by_keys:
+        db = join(xp, db_by_keys, -1, schedule.keys)
+    elif bias is not None:
+        db = db_sum.value(db)
+    grads = (c.fold(dq_sum.value(dq)) * c.options.scale, dk, dv, c.fold(db))
+    return tuple(None if g is None else xp.astype(g, d) for g, d in zip(grads, dtypes, strict=True))
+
+
+@dataclass(frozen=True)
+class _RowSum:
+    """A sum of per-row-block contributions: held one block per row block where the result
+    has rows (the adapter's block accumulator), else as one array that every block adds to."""
+
+    c: _Context
+    by_blocks: bool
+
+    def zeros(self, shape):
+        if not self.by_blocks:
+            return self.c.zeros(shape)
+        rows = self.c.schedule.rows
+        return self.c.backend.blocks(self.c.zeros((rows.count, *shape[:-2], rows.size, shape[-1])))
+
+    def add(self, acc, r, update):
+        return self.c.backend.add_block(acc, r, update) if self.by_blocks else acc + update
+
+    def value(self, acc):
+        """The summed array (the last block's overlap is 0, so it is counted once)."""
+        if not self.by_blocks:
+            return acc
+        return join(self.c.xp, self.c.backend.stacked(acc), -2, self.c.schedule.rows)
+
+
+# -- what every chunk of a call shares ------------------------------------------------------
+class _Context:
+    """The namespace, dtypes, schedule and masking rules of one call.
+
+    A single query position (decoding) is computed with its ``groups`` query heads folded
+    into rows, so each key chunk is multiplied once per key/value head, not once per query
+    head.
+    """
+
+    def __init__(self, backend, q, k, q_lengths, k_lengths, options: Options):
+        self.backend, self.options = backend, options
+        self.xp = xp = backend.namespace()
+        self.device = backend.device(q)
+        self.acc_dtype = xp.float64 if q.dtype == xp.float64 else xp.float32
+        self.q_len, self.kv_len = q.shape[-2], k.shape[-2]
+        self.folded = self.q_len == 1 and q.shape[-3] > 1
+        self.q_lengths, self.k_lengths = q_lengths, k_lengths
+        self.empty = 0 in q.shape[:-1] or self.kv_len == 0
+        # The longest sequence bounds the loops (an empty batch has none: nothing runs).
+        self.schedule = Schedule(
+            xp,
+            q_len=self.q_len,
+            kv_len=self.kv_len,
+            rows=q.shape[-3] if self.folded else self.q_len,
+            folded=self.folded,
+            query_chunk=options.query_chunk_size,
+            key_chunk=options.key_chunk_size,
+            left=options.left,
+            right=options.right,
+            q_max=None if q_lengths is None or self.empty else xp.max(q_lengths),
+            k_max=None if k_lengths is None or self.empty else xp.max(k_lengths),
+            device=self.device,
+        )
+
+    def fold(self, x):
+        """A row-axis operand with the groups axis folded into rows (decoding only)."""
+        if x is None or not self.folded:
+            return x
+        return self.xp.permute_dims(x, (*range(x.ndim - 3), x.ndim - 2, x.ndim - 3, x.ndim - 1))
+
+    def lift(self, x):
+        """``x`` in the accumulation dtype (float32, or float64 for float64 inputs)."""
+        return None if x is None else self.xp.astype(x, self.acc_dtype, copy=False)
+
+    def zeros(self, shape):
+        return self.xp.zeros(shape, dtype=self.acc_dtype, device=self.device)
+
+    def indexed(self, operand: Split) -> Split:
+        """``operand`` as a loop body indexes it by its loop's index (``Backend.chunks``)."""
+        return operand if operand.chunks is None else Split(self.backend.chunks(operand.chunks))
+
+    # -- scores ------------------------------------------------------------------------
+    def scores(self, q_c, k_c, bias_c, mask_c, r, j, masked, overlapping_rows=False):
+        """Scaled scores of row block ``r`` and key chunk ``j``, ``-inf`` where not attended.
+
+        ``q_c`` is pre-scaled; ``k_c`` is a chunk of keys as they are (the product
+        transposes it). ``masked=False`` leaves out the structural rules, for a pair that
+        the schedule shows every row sees whole; masks and lengths, which vary per batch,
+        still apply. ``overlapping_rows`` masks the last row block's overlap.
+        """
+        xp, o, schedule = self.xp, self.options, self.schedule
+        s = self.backend.matmul_transposed(q_c, k_c)
+        if bias_c is not None:
+            s = s + bias_c
+        needs_positions = schedule.needs_rules(masked, overlapping_rows) or any(
+            x is not None for x in (o.bias_fn, o.mask_fn, self.q_lengths, self.k_lengths)
+        )
+        if not needs_positions:
+            return s if mask_c is None else xp.where(mask_c, s, NEG_INF)
+        pos = schedule.positions(r, j, q_c.shape[-2], k_c.shape[-2])
+        # Callables see real query positions; folded rows get their heads' values.
+        fn_q = pos.query[:1, ...] if self.folded else pos.query
+        if o.bias_fn is not None:
+            s = s + self.lift(self.fold(o.bias_fn(fn_q, pos.key)))
+        rules = [mask_c, None if o.mask_fn is None else self.fold(o.mask_fn(fn_q, pos.key))]
+        rules += schedule.rules(pos, r, j, masked, overlapping_rows)
+        if self.k_lengths is not None:
+            rules.append(pos.key < self.k_lengths)
+        if self.q_lengths is not None:
+            rules.append(pos.query < self.q_lengths)
+        allowed = None
+        for rule in rules:
+            if rule is not None:
+                allowed = rule if allowed is None else xp.logical_and(allowed, rule)
+        return s if allowed is None else xp.where(allowed, s, NEG_INF)
+
+    # -- non-finite inputs -------------------------------------------------------------
+    def all_finite(self, *arrays):
+        """Whether every entry of ``arrays`` (padding included) is finite, as a 0-d bool:
+        one sum per array. A sum of finite values that overflows only costs the safe
+        branch."""
+        xp = self.xp
+        return xp.isfinite(sum(xp.sum(x) for x in arrays))
+
+    def isolated(self, q, k, v):
+        """``q``, ``k``, ``v`` with padded keys zeroed and non-finite rows and keys
+        isolated: the forward's safe branch.
+
+        Padding past ``key_lengths`` may hold anything (NaN, inf), and a masked key's zero
+        weight times NaN would still be NaN, so padded keys and values become 0. A key or
+        value with a NaN or inf entry must turn NaN exactly the rows that attend it
+        (masking replaces its scores with -inf everywhere else): such a key becomes all
+        NaN and its value 0, so that ``p @ v`` of the rows that do not attend it stays
+        finite. A query row with a non-finite entry becomes all NaN.
+        """
+        xp = self.xp
+        k, v = self._unpadded(k, v)
+        key_ok = xp.logical_and(_finite_rows(xp, k), _finite_rows(xp, v))
+        k, v = xp.where(key_ok, k, NAN), xp.where(key_ok, v, 0.0)
+        return xp.where(_finite_rows(xp, q), q, NAN), k, v
+
+    def zeroed(self, q, k, v):
+        """``q``, ``k``, ``v`` with padded keys and every non-finite entry 0: the
+        backward's safe branch (finite padding gets zero weight, hence adds 0)."""
+        xp = self.xp
+        return tuple(xp.where(xp.isfinite(x), x, 0.0) for x in (q, *self._unpadded(k, v)))
+
+    def _unpadded(self, k, v):
+        """``k``, ``v`` with the keys past ``key_lengths`` 0."""
+        xp = self.xp
+        if self.k_lengths is not None:
+            positions = xp.arange(self.kv_len, dtype=xp.int32, device=self.device)
+            inside = xp.reshape(positions, (-1, 1)) < self.k_lengths
+            k, v = xp.where(inside, k, 0.0), xp.where(inside, v, 0.0)
+        return k, v
+
+
+def _connected_zero(xp, dtype, *arrays):
+    """A 0 that depends on every given array (a sum of empty slices: exactly 0, never NaN),
+    so that a result it is added to stays differentiable (zero gradients, not an error)
+    where no loop trip ran: empty inputs, or every key masked by lengths."""
+    return sum(xp.sum(xp.astype(x[..., :0], dtype)) for x in arrays if x is not None)
+
+
+def _finite_rows(xp, x):
+    """Whether each row of ``x`` is finite: its largest magnitude is below inf (a NaN makes
+    the maximum NaN). One reduction, with no boolean copy of ``x``."""
+    if x.shape[-1] == 0:  # an empty row is finite (a maximum of nothing is an error)
+        return xp.all(xp.isfinite(x), axis=-1, keepdims=True)
+    return xp.max(xp.abs(x), axis=-1, keepdims=True) < float("inf")
+
+
+def _sum_groups(xp, x):
+    """Sum over the query heads of each key/value head: ``[.., groups, t, d] -> [.., 1, t, d]``."""
+    return xp.sum(x, axis=-3, keepdims=True) if x.shape[-3] != 1 else x
+
+
+def _sum_to(xp, x, shape):
+    """Sum ``x`` over the axes along which an array of ``shape`` (same rank) broadcasts."""
+    axes = tuple(i for i, (n, m) in enumerate(zip(shape, x.shape, strict=True)) if n == 1 != m)
+    return xp.sum(x, axis=axes, keepdims=True) if axes else x

@@ -1,0 +1,353 @@
+"""Chunk geometry and the loop schedule of the chunked algorithm.
+
+:mod:`uniattn._algorithm` cuts the query rows into blocks and the keys into chunks, and
+visits chunk pairs in two nested loops. This module says how:
+
+- **Geometry** (:class:`Axis`, :func:`split`, :func:`join`). An axis of ``length`` is cut
+  into chunks of one static ``size``. When ``size`` does not divide ``length``, the last
+  chunk ends at ``length`` and overlaps its predecessor; the algorithm masks the overlapped
+  positions out of it, so nothing is padded and every chunk has the same shape.
+- **Schedule** (:class:`Schedule`). For a row block, the key chunks it can see (and for a
+  key chunk, the row blocks that can see it) under the window (``causal`` is a window with
+  ``right = 0``) and the valid lengths, as consecutive :class:`Band` s: partly masked
+  chunks at the edges, and between them chunks that every row of the block sees whole,
+  which need no structural mask. Chunks outside every band are never computed. Bounds are
+  Python ints where they are static and 0-d int arrays where they depend on a traced loop
+  index or on the lengths.
+- **Positions and structural rules** (:meth:`Schedule.positions`, :meth:`Schedule.rules`):
+  the absolute positions of a chunk pair and the boolean rules (window, overlaps) that the
+  bands say it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis cut into :attr:`count` chunks of ``size``; the last one ends at ``length``."""
+
+    length: int
+    size: int
+    xp: Any = field(compare=False, repr=False, default=None)
+
+    @property
+    def count(self) -> int:
+        return -(-self.length // self.size)
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether the last chunk overlaps its predecessor (``size`` does not divide)."""
+        return self.length % self.size != 0
+
+    def start(self, index):
+        """First position of chunk ``index`` (the last chunk's is pulled back)."""
+        start = index * self.size
+        return minimum(self.xp, start, self.length - self.size) if self.overlaps else start
+
+
+@dataclass(frozen=True)
+class Split:
+    """An operand cut along one axis: ``chunks`` stacks the chunks on a new leading axis.
+
+    An operand that is None, or broadcast along the axis (extent 1 where the length is
+    not), is kept ``whole`` for every chunk.
+    """
+
+    chunks: Any = None
+    whole: Any = None
+
+    def at(self, index):
+        """The operand's value in chunk ``index``."""
+        return self.whole if self.chunks is None else self.chunks[index]
+
+
+def split(xp, x, axis: int, cut: Axis) -> Split:
+    """Cut ``x`` along ``axis`` into ``cut``'s chunks (a broadcast extent 1 is not cut)."""
+    if x is None or x.shape[axis] != cut.length:
+        return Split(whole=x)
+    axis = x.ndim + axis
+    full = cut.length // cut.size * cut.size
+    head = _slice_axis(x, axis, 0, full)
+    head = xp.reshape(head, (*x.shape[:axis], full // cut.size, cut.size, *x.shape[axis + 1 :]))
+    chunks = xp.permute_dims(head, (axis, *range(axis), *range(axis + 1, head.ndim)))
+    if cut.overlaps:
+        last = _slice_axis(x, axis, cut.length - cut.size, cut.length)
+        chunks = xp.concat((chunks, last[None, ...]), axis=0)
+    return Split(chunks=chunks)
+
+
+def join(xp, stacked, axis: int, cut: Axis):
+    """Per-chunk results stacked on axis 0, as one array of ``cut.length`` along ``axis``
+    (the overlapped start of the last chunk is dropped). None stays None."""
+    if stacked is None:
+        return None
+    pos = stacked.ndim + axis  # the chunk's own axis, once the stacking axis moves next to it
+    moved = xp.permute_dims(stacked, (*range(1, pos), 0, *range(pos, stacked.ndim)))
+    shape = moved.shape
+    merged = xp.reshape(moved, (*shape[: pos - 1], shape[pos - 1] * shape[pos], *shape[pos + 1 :]))
+    if not cut.overlaps:
+        return merged
+    full = (cut.count - 1) * cut.size
+    drop = cut.count * cut.size - cut.length
+    a = pos - 1
+    return xp.concat(
+        (_slice_axis(merged, a, 0, full), _slice_axis(merged, a, full + drop, merged.shape[a])),
+        axis=a,
+    )
+
+
+def _slice_axis(x, axis: int, start: int, stop: int):
+    return x[(slice(None),) * axis + (slice(start, stop),)]
+
+
+def scan_chunks(backend, step: Callable, init, splits: tuple[Split, ...], cut: Axis):
+    """``step(carry, index, chunks) -> (carry, y)`` over every chunk of ``cut``, where
+    ``chunks`` holds each split operand's value in that chunk; returns the final carry and
+    the ys stacked on a new leading axis. A single chunk runs without a loop."""
+    if cut.count == 1:
+        carry, y = step(init, 0, tuple(s.at(0) for s in splits))
+        return carry, _map(lambda a: a[None, ...], y)
+    stacked = tuple(s.chunks for s in splits if s.chunks is not None)
+
+    def scan_step(carry, index, xs):
+        xs = iter(xs)
+        return step(carry, index, tuple(s.whole if s.chunks is None else next(xs) for s in splits))
+
+    return backend.scan(scan_step, init, stacked, cut.count)
+
+
+def _map(fn, tree):
+    return tuple(None if a is None else fn(a) for a in tree) if isinstance(tree, tuple) else tree
+
+
+@dataclass(frozen=True)
+class Band:
+    """Chunks ``lower:upper`` of an inner loop, at most ``trips`` of them; ``masked`` says
+    whether they need the structural rules (:meth:`Schedule.rules`)."""
+
+    lower: Any
+    upper: Any
+    trips: int
+    masked: bool
+
+
+class Positions(NamedTuple):
+    """Absolute positions of one chunk pair, as int32 arrays.
+
+    ``rows`` ``[q_chunk, 1]`` indexes the block's rows; ``query`` is each row's query
+    position (all 0 for folded heads); ``key`` ``[1, k_chunk]`` the keys' positions.
+    """
+
+    rows: Any
+    query: Any
+    key: Any
+
+
+class Schedule:
+    """Which chunk pairs of one call are computed, and which need the structural mask.
+
+    Parameters
+    ----------
+    xp : array namespace
+    q_len, kv_len : int
+        Query and key lengths; key ``j`` is visible to query ``i`` iff
+        ``i' - left <= j <= i' + right`` with ``i' = i + kv_len - q_len`` (bottom-right).
+    rows : int
+        Rows of the query operand: ``q_len``, or the query heads of one key/value head
+        when a single query position is ``folded`` into rows (every row at position 0).
+    query_chunk, key_chunk : int
+        Requested chunk sizes, clipped to the lengths.
+    left, right : int or None
+        The window (None: unbounded on that side).
+    q_max, k_max : 0-d int array or None
+        The longest valid query and key length of the batch: later chunks are skipped.
+    """
+
+    def __init__(
+        self,
+        xp,
+        *,
+        q_len: int,
+        kv_len: int,
+        rows: int,
+        folded: bool,
+        query_chunk: int,
+        key_chunk: int,
+        left: int | None,
+        right: int | None,
+        q_max=None,
+        k_max=None,
+        device=None,
+    ):
+        self.xp, self.device = xp, device
+        self.q_len, self.kv_len, self.folded = q_len, kv_len, folded
+        self.left, self.right = left, right
+        self.offset = kv_len - q_len  # the diagonal's key position at query 0
+        # Folded rows are the query heads of one position: always a single block.
+        row_chunk = rows if folded else query_chunk
+        self.rows = Axis(rows, min(row_chunk, max(rows, 1)), xp)
+        self.keys = Axis(kv_len, min(key_chunk, max(kv_len, 1)), xp)
+        self.q_max, self.k_max = q_max, k_max
+
+    # -- positions and rules ---------------------------------------------------------
+    def positions(self, r_index, k_index, n_rows: int, n_keys: int) -> Positions:
+        """Positions of row block ``r_index`` (``n_rows`` rows) and key chunk ``k_index``."""
+        xp = self.xp
+        rows = xp.reshape(self._arange(self.rows.start(r_index), n_rows), (-1, 1))
+        keys = xp.reshape(self._arange(self.keys.start(k_index), n_keys), (1, -1))
+        return Positions(rows, rows * 0 if self.folded else rows, keys)
+
+    def needs_rules(self, masked: bool, overlapping_rows: bool) -> bool:
+        """Whether :meth:`rules` has any rule for a chunk pair of a band."""
+        structural = self.left is not None or self.right is not None or self.keys.overlaps
+        return (masked and structural) or (overlapping_rows and self.rows.overlaps)
+
+    def rules(self, pos: Positions, r_index, k_index, masked: bool, overlapping_rows: bool):
+        """The structural rules of a chunk pair, as bool arrays (True = attend).
+
+        ``masked`` (the pair is in a masked band): the window and the last key chunk's
+        overlap, which belongs to its predecessor. ``overlapping_rows``: the last row
+        block's overlap, for sums over rows (the backward), which must not count it twice.
+        """
+        rules = []
+        diagonal = pos.query + self.offset
+        if masked and self.right is not None:
+            rules.append(pos.key <= diagonal + self.right)
+        if masked and self.left is not None:
+            rules.append(pos.key >= diagonal - self.left)
+        if masked and self.keys.overlaps:
+            rules.append(pos.key >= k_index * self.keys.size)
+        if overlapping_rows and self.rows.overlaps:
+            rules.append(pos.rows >= r_index * self.rows.size)
+        return rules
+
+    def _arange(self, start, n):
+        return self.xp.arange(n, dtype=self.xp.int32, device=self.device) + start
+
+    # -- bands -----------------------------------------------------------------------
+    def key_bands(self, r_index) -> list[Band]:
+        """The key chunks row block ``r_index`` can see, as consecutive bands: partly
+        masked edges around a middle of chunks that every row sees whole."""
+        xp, keys, left, right = self.xp, self.keys, self.left, self.right
+        if self.folded:
+            p_first = p_last = 0
+        else:
+            p_first = self.rows.start(r_index)
+            p_last = p_first + self.rows.size - 1
+        lo, hi = 0, self.kv_len - 1  # inclusive key positions
+        if left is not None:
+            lo = maximum(xp, lo, p_first + self.offset - left)
+        if right is not None:
+            hi = minimum(xp, hi, p_last + self.offset + right)
+        if self.k_max is not None:
+            hi = minimum(xp, hi, self.k_max - 1)
+        first = minimum(xp, lo // keys.size, keys.count)
+        stop = maximum(xp, first, (hi + keys.size) // keys.size)  # empty when hi < lo
+        if self.q_max is not None:
+            stop = select(xp, p_first < self.q_max, stop, first)
+        trips = keys.count
+        if left is not None and right is not None:
+            width = 0 if self.folded else self.rows.size - 1
+            trips = min(trips, (width + left + right) // keys.size + 2)
+        # Whole chunks: every key at or after the block's last diagonal - left, at or
+        # before its first diagonal + right, and not the overlapping last chunk.
+        whole_first = None if left is None else _ceil_div(p_last + self.offset - left, keys.size)
+        whole_stop = keys.count - 1 if keys.overlaps else None
+        if right is not None:
+            below = (p_first + self.offset + right + 1) // keys.size
+            whole_stop = below if whole_stop is None else minimum(xp, whole_stop, below)
+        edge_trips = min(keys.count, self.rows.size // keys.size + 2)
+        return bands(xp, first, stop, whole_first, whole_stop, trips, (edge_trips, edge_trips))
+
+    def row_bands(self, k_index) -> list[Band]:
+        """The row blocks that can see key chunk ``k_index``, as :meth:`key_bands`."""
+        xp, rows, left, right = self.xp, self.rows, self.left, self.right
+        k_first = k_index * self.keys.size  # nominal: the overlap is masked out
+        k_last = minimum(xp, k_first + self.keys.size, self.kv_len) - 1
+        lo, hi = 0, self.q_len - 1  # inclusive query positions
+        if right is not None:
+            lo = maximum(xp, lo, k_first - self.offset - right)
+        if left is not None:
+            hi = minimum(xp, hi, k_last - self.offset + left)
+        if self.q_max is not None:
+            hi = minimum(xp, hi, self.q_max - 1)
+        if self.folded:  # every row is at position 0
+            first, stop = 0, select(xp, lo <= hi, rows.count, 0)
+            stop = select(xp, lo <= 0, stop, 0)
+        else:
+            first = minimum(xp, lo // rows.size, rows.count)
+            stop = maximum(xp, first, (hi + rows.size) // rows.size)
+        if self.k_max is not None:
+            stop = select(xp, k_first < self.k_max, stop, first)
+        trips = rows.count
+        if left is not None and right is not None and not self.folded:
+            trips = min(trips, (self.keys.size - 1 + left + right) // rows.size + 2)
+        if self.folded:  # one block of rows: nothing to split
+            return [Band(first, stop, trips, masked=True)]
+        # Whole blocks: every row's window holds the whole chunk; the overlapping last
+        # block (its overlap is masked in the backward) and last key chunk are never whole.
+        whole_first = None if right is None else _ceil_div(k_last - self.offset - right, rows.size)
+        whole_stop = rows.count - 1 if rows.overlaps else None
+        if left is not None:
+            above = (k_first - self.offset + left + 1) // rows.size
+            whole_stop = above if whole_stop is None else minimum(xp, whole_stop, above)
+        if self.keys.overlaps:
+            whole_stop = rows.count if whole_stop is None else whole_stop
+            whole_stop = select(xp, k_index < self.keys.count - 1, whole_stop, 0)
+        edge_trips = min(rows.count, self.keys.size // rows.size + 2)
+        # The overlapping last key chunk has no middle: its tail is all of its rows.
+        tail_trips = trips if self.keys.overlaps else edge_trips
+        return bands(xp, first, stop, whole_first, whole_stop, trips, (edge_trips, tail_trips))
+
+
+def bands(xp, first, stop, whole_first, whole_stop, trips, edge_trips) -> list[Band]:
+    """``first:stop`` cut into a masked head, a whole middle ``whole_first:whole_stop``
+    (clipped to ``first:stop``) and a masked tail; None for either bound: no head, no tail.
+    ``trips`` bounds the middle's length, ``edge_trips`` the head's and the tail's. Bands
+    known to be empty are left out."""
+    mid_first = first if whole_first is None else minimum(xp, maximum(xp, whole_first, first), stop)
+    mid_stop = stop if whole_stop is None else minimum(xp, maximum(xp, whole_stop, mid_first), stop)
+    candidates = [
+        Band(first, mid_first, edge_trips[0], masked=True),
+        Band(mid_first, mid_stop, trips, masked=False),
+        Band(mid_stop, stop, edge_trips[1], masked=True),
+    ]
+    return [b for b in candidates if not _same(b.lower, b.upper)]
+
+
+def _same(a, b) -> bool:
+    """Whether two loop bounds are known to be equal without evaluating an array."""
+    return a is b or (isinstance(a, int) and isinstance(b, int) and a == b)
+
+
+def _ceil_div(a, b: int):
+    return -(-a // b)
+
+
+# Bounds are Python ints where they are static and 0-d int arrays where they are traced or
+# come from the lengths; these keep ints as ints.
+def minimum(xp, a, b):
+    """``min(a, b)`` of two bounds."""
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    a, b = (b, a) if isinstance(a, int) else (a, b)
+    return xp.clip(a, max=b) if isinstance(b, int) else xp.minimum(a, b)
+
+
+def maximum(xp, a, b):
+    """``max(a, b)`` of two bounds."""
+    if isinstance(a, int) and isinstance(b, int):
+        return max(a, b)
+    a, b = (b, a) if isinstance(a, int) else (a, b)
+    return xp.clip(a, min=b) if isinstance(b, int) else xp.maximum(a, b)
+
+
+def select(xp, condition, a, b):
+    """``a if condition else b`` of two bounds; ``condition`` a bool or 0-d bool array."""
+    if isinstance(condition, bool):
+        return a if condition else b
+    return xp.where(condition, a, b)
