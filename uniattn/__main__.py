@@ -2,7 +2,8 @@
 
 Prints one row per backend: its version; the error of the output and of the gradients
 against the float64 reference; forward time beside the framework's plain
-``softmax(q kᵀ) v``; and peak extra memory of both at one long sequence length.
+``softmax(q kᵀ) v``; and peak extra memory of both at one long sequence length. The
+frameworks' own log lines (TensorFlow's C++ logging) are held back unless a backend fails.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ import numpy as np
 
 import uniattn
 from uniattn import backends, reference
-from uniattn._measure import median_time, memory_in_subprocess
+from uniattn._measure import (
+    gradients,
+    harness,
+    interleaved_medians,
+    memory_in_subprocess,
+    quiet_stderr,
+)
 from uniattn._plain import plain_attention
 
 CHECK = dict(batch=2, q_len=257, kv_len=383, heads=8, kv_heads=2, d=64)
@@ -41,11 +48,8 @@ def check_row(backend) -> dict:
     row = {"backend": backend.name, "version": backend.version()}
     out = uniattn.attention(q, k, v, causal=True)
     row["out_err"] = _error(backend.to_numpy(out), reference.attention(q64, k64, v64, causal=True))
-    if backend.has_autodiff:  # through the framework's autodiff (the registered backward)
-        _, vjp_fn = backend.vjp(lambda *a: uniattn.attention(*a, causal=True), q, k, v)
-    else:  # NumPy: uniattn's own backward
-        _, vjp_fn = uniattn.vjp(q, k, v, causal=True)
-    grads = [backend.to_numpy(g) for g in vjp_fn(d_out)]
+    # Through the framework's autodiff (the registered backward); NumPy: uniattn.vjp.
+    grads = [backend.to_numpy(g) for g in gradients(backend, causal=True)(q, k, v, d_out)]
     ref = reference.vjp(q64, k64, v64, d64, causal=True)
     expected = [ref.dq, ref.dk, ref.dv]
     scale = max(float(np.max(np.abs(e))) for e in expected)
@@ -60,9 +64,14 @@ def speed_row(backend) -> dict:
         backend.asarray(rng.standard_normal((1, s["n"], s["heads"], s["d"])), "float32")
         for _ in range(3)
     )
+    # One function at a time, median of 3 after a warm-up each.
+    fns = {
+        "uniattn_s": lambda: uniattn.attention(q, k, v),
+        "plain_s": lambda: plain_attention(backend, q, k, v),
+    }
     return {
-        "uniattn_s": median_time(lambda: uniattn.attention(q, k, v), backend.block),
-        "plain_s": median_time(lambda: plain_attention(backend, q, k, v), backend.block),
+        key: interleaved_medians({key: fn}, backend.block, repeats=3)[key]
+        for key, fn in fns.items()
     }
 
 
@@ -105,8 +114,9 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     for name in names:
-        backend = backends.load(name)
-        row = {**check_row(backend), **speed_row(backend)}
+        with quiet_stderr():  # the framework's log lines, shown only if this fails
+            backend = harness(name)
+            row = {**check_row(backend), **speed_row(backend)}
         memory = memory_in_subprocess(name, n)
         grad = f"{row['grad_err']:.1e}"
         mem = (
