@@ -9,21 +9,15 @@ import os
 
 import pytest
 
-from uniattn.bench import _worker, peers, speed
-from uniattn.bench._common import (
-    Progress,
-    Report,
-    attention_flops,
-    interleaved_medians,
-    machine,
-    ratio,
-    too_big,
-)
+from uniattn import backends
+from uniattn._measure import gradients, in_fresh_process, interleaved_medians
+from uniattn.bench import peers, speed
+from uniattn.bench._common import Progress, Report, attention_flops, machine, ratio, too_big
 
 
 def test_memory_worker_measures_both_implementations_in_a_fresh_process():
-    spec = {"task_kind": "memory", "backend": "numpy", "task": "forward", "ns": [512], "repeats": 1}
-    lines = _worker.run(spec, timeout=300)
+    spec = {"backend": "numpy", "task": "forward", "ns": [512], "repeats": 1}
+    lines = in_fresh_process("uniattn.bench.memory:measure", spec, memory=True, timeout=300)
     by_impl = {line["impl"]: line for line in lines if "impl" in line}
     assert set(by_impl) == {"uniattn", "plain"}, lines
     # Plain attention holds 512 x 512 float32 scores (1 MiB); uniattn one chunk at a time.
@@ -33,10 +27,10 @@ def test_memory_worker_measures_both_implementations_in_a_fresh_process():
 
 def test_speed_worker_times_every_available_implementation():
     spec = {
-        "task_kind": "speed", "backend": "numpy", "ns": [256], "heads": 2, "d": 16,
-        "repeats": 1, "modes": ["forward", "gradient"],
+        "backend": "numpy", "ns": [256], "heads": 2, "d": 16, "repeats": 1,
+        "modes": ["forward", "gradient"],
     }  # fmt: skip
-    lines = _worker.run(spec, timeout=300)
+    lines = in_fresh_process("uniattn.bench.speed:measure", spec, timeout=300)
     rates = [line["matmul_flops_per_s"] for line in lines if "matmul_flops_per_s" in line]
     assert len(rates) == 2 and min(rates) > 0  # before and after the timings
     assert "matmul_flops_per_s" in lines[0] and "matmul_flops_per_s" in lines[-1]
@@ -60,14 +54,12 @@ def test_speed_report_takes_the_faster_matmul_rate():
 
 
 def test_worker_errors_come_back_as_lines():
-    lines = _worker.run({"task_kind": "scale", "backend": "numpy", "n": -1}, timeout=300)
+    lines = in_fresh_process("uniattn.bench.scale:measure", {"backend": "numpy", "n": -1})
     assert "error" in lines[-1]
 
 
 def test_peers_say_why_they_are_missing():
-    from uniattn import backends
-
-    found = peers.implementations(backends.load("numpy"))
+    found = peers.implementations(backends.harness("numpy"))
     assert callable(found["uniattn"]) and callable(found["plain"])
     assert all(callable(fn) or isinstance(fn, str) for fn in found.values())
 
@@ -128,9 +120,7 @@ def test_torch_gradients_reach_peers_that_checkpoint_reentrantly():
     import torch
     import torch.utils.checkpoint
 
-    from uniattn import backends
-
-    backend = backends.load("torch")
+    backend = backends.harness("torch")
 
     def dense(q, k, v):
         return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
@@ -141,7 +131,7 @@ def test_torch_gradients_reach_peers_that_checkpoint_reentrantly():
     q, k, v, d_out = (torch.randn(2, 5, 3, dtype=torch.float64) for _ in range(4))
     with pytest.raises(RuntimeError, match="use_reentrant"):
         backend.vjp(reentrant, q, k, v)[1](d_out)  # what the bench used to call
-    got = _worker._gradient(backend, reentrant)(q, k, v, d_out)
+    got = gradients(backend, reentrant)(q, k, v, d_out)
     want = backend.vjp(dense, q, k, v)[1](d_out)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
@@ -164,7 +154,8 @@ def test_speed_runs_on_a_named_device_and_dtype():
 
 
 def test_fused_gpu_kernels_are_listed_on_cuda_only():
-    torch_backend = pytest.importorskip("uniattn.backends.torch").backend
+    pytest.importorskip("torch")
+    torch_backend = backends.harness("torch")
     on_cpu = peers.implementations(torch_backend, "cpu", "float32")
     assert not any(name.startswith("torch sdpa ") for name in on_cpu)
     on_gpu = peers.implementations(torch_backend, "cuda", "float32")

@@ -1,5 +1,6 @@
-"""What every benchmark shares: inputs, interleaved timing, FLOP counts, the machine's
-matmul rate, a memory budget, a progress bar and the report format."""
+"""What every benchmark shares besides the measurement toolkit (:mod:`uniattn._measure`):
+inputs, FLOP counts, the machine's matmul rate, a memory budget, a progress bar and the
+report format."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,32 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from uniattn._measure import timings
+
 MiB = 2**20
 GiB = 2**30
-
-
-def interleaved_medians(
-    fns: dict, block, repeats: int, warm: bool = True, settle: bool = False
-) -> dict:
-    """Median seconds of each ``block(fn())``, the functions taking turns (after a warm-up
-    call of each, unless ``warm`` is False: the caller has warmed them up).
-
-    With ``settle`` each timed call follows an untimed call of the same function, so none
-    is timed in the wake of another's allocations: the pages a dense peer frees (1.5 GB a
-    call at n 4096, 8 heads) go back to the OS, and the next function faults its buffers in
-    afresh (JAX's forward: 152 ms alone, 191 to 264 ms right after `jax.nn`, 154 to 157 settled).
-    """
-    for fn in fns.values() if warm else ():
-        block(fn())
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if settle:
-                block(fn())
-            start = time.perf_counter()
-            block(fn())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def inputs(
@@ -73,14 +51,8 @@ def matmul_rate(
         size = 2048 if backend.array_platform() == "cpu" else 8192
     rng = np.random.default_rng(0)
     a, b = (backend.asarray(rng.standard_normal((size, size)), dtype) for _ in "ab")
-    xp = backend.namespace()
-    product = backend.stage(xp.matmul)
-    backend.block(product(a, b))  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        backend.block(product(a, b))
-        seconds.append(time.perf_counter() - start)
+    product = backend.stage(backend.namespace().matmul)
+    seconds = timings({"matmul": lambda: product(a, b)}, backend.block, repeats)["matmul"]
     return 2.0 * size**3 / min(seconds)
 
 

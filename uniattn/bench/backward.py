@@ -8,10 +8,8 @@ the framework's autodiff (``--quick``: n 4096).
 
 from __future__ import annotations
 
-import uniattn
-from uniattn import backends
-from uniattn._measure import memory_in_subprocess
-from uniattn.bench._common import MiB, Report, inputs, interleaved_medians
+from uniattn._measure import gradients, harness, interleaved_medians, memory_in_subprocess
+from uniattn.bench._common import MiB, Report, inputs
 
 
 def backward_speed(backend, n: int, repeats: int) -> dict:
@@ -19,10 +17,8 @@ def backward_speed(backend, n: int, repeats: int) -> dict:
     q, k, v, d_out = inputs(backend, n, heads=8)
 
     def step(mode):
-        def attention(*a):
-            return uniattn.attention(*a, backward=mode)
-
-        return lambda: backend.vjp(attention, q, k, v)[1](d_out)
+        run = gradients(backend, backward=mode)
+        return lambda: run(q, k, v, d_out)
 
     return interleaved_medians({m: step(m) for m in ("custom", "autodiff")}, backend.block, repeats)
 
@@ -47,7 +43,7 @@ def run(names, quick: bool = False, full: bool = False) -> Report:
         raw={"n_speed": n_speed, "n_memory": n_memory, "backends": {}},
     )
     for name in names:
-        backend = backends.load(name)
+        backend = harness(name)
         if not backend.has_autodiff:
             continue  # the comparison is between two ways of using a framework's autodiff
         speed = backward_speed(backend, n_speed, repeats)

@@ -12,15 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 import uniattn
-from uniattn import backends
-from uniattn.bench._common import Report, inputs, interleaved_medians
-
-
-def _fwd_bwd(backend, q, k, v, d_out, **kwargs):
-    """A forward+backward pass with uniattn's backward (``uniattn.vjp`` on NumPy)."""
-    if not backend.has_autodiff:
-        return lambda: uniattn.vjp(q, k, v, **kwargs)[1](d_out)
-    return lambda: backend.vjp(lambda *a: uniattn.attention(*a, **kwargs), q, k, v)[1](d_out)
+from uniattn._measure import gradients, harness, interleaved_medians
+from uniattn.bench._common import Report, inputs
 
 
 def run(names, quick: bool = False, full: bool = False) -> Report:
@@ -47,7 +40,7 @@ def run(names, quick: bool = False, full: bool = False) -> Report:
         raw={"backends": {}},
     )
     for name in names:
-        backend = backends.load(name)
+        backend = harness(name)
         report.raw["backends"][name] = entry = {}
         for label, n, kwargs in settings:
             t = _masked_and_full_times(backend, n, kwargs)
@@ -83,13 +76,15 @@ def run(names, quick: bool = False, full: bool = False) -> Report:
 
 
 def _masked_and_full_times(backend, n: int, kwargs: dict) -> dict:
-    """Forward and forward+backward medians with the mask ``kwargs`` and without."""
+    """Forward and forward+backward medians with the mask ``kwargs`` and without; the
+    backward is uniattn's (``uniattn.vjp`` on NumPy)."""
     q, k, v, d_out = inputs(backend, n, heads=4)
+    masked_grad, full_grad = gradients(backend, **kwargs), gradients(backend)
     fns = {
         "masked": lambda: uniattn.attention(q, k, v, **kwargs),
         "full": lambda: uniattn.attention(q, k, v),
-        "masked_grad": _fwd_bwd(backend, q, k, v, d_out, **kwargs),
-        "full_grad": _fwd_bwd(backend, q, k, v, d_out),
+        "masked_grad": lambda: masked_grad(q, k, v, d_out),
+        "full_grad": lambda: full_grad(q, k, v, d_out),
     }
     return interleaved_medians(fns, backend.block, repeats=5)
 

@@ -9,8 +9,8 @@ accelerator (``--device``), the peak of the framework's allocator where it keeps
 
 from __future__ import annotations
 
-from uniattn.bench import _worker
-from uniattn.bench._common import Progress, Report, mib, ms, ratio
+from uniattn._measure import emit, gradients, in_fresh_process, interleaved_medians, timed_peak
+from uniattn.bench._common import Progress, Report, inputs, mib, ms, ratio, too_big
 
 TASKS = {"forward": "Table 2, inference", "gradient": "Table 3, differentiation"}
 
@@ -56,8 +56,7 @@ def run(
     for name in names:
         report.raw["backends"][name] = by_task = {}
         for task in TASKS:
-            spec = {"task_kind": "memory", "backend": name, "task": task, "ns": ns}
-            spec.update(repeats=3, device=device)
+            spec = {"backend": name, "task": task, "ns": ns, "repeats": 3, "device": device}
             progress.step(f"{name} {task}")
 
             def seen(line, name=name, task=task):
@@ -65,7 +64,7 @@ def run(
                 if "n" in line:
                     progress.step(f"{name} {task}: n={line['n']} {line.get('impl', '')} done")
 
-            lines = _worker.run(spec, seen)
+            lines = in_fresh_process(f"{__name__}:measure", spec, memory=True, on_line=seen)
             report.add_device(lines)
             by_task[task] = lines
             report.rows += _rows(name, task, ns, lines)
@@ -76,6 +75,41 @@ def run(
             "(the JSON says how much they need)."
         )
     return report
+
+
+def measure(backend, spec: dict) -> None:
+    """The fresh process's side: per n, peak extra memory and time of uniattn and plain
+    attention, one line each (or why it was skipped)."""
+    import uniattn
+    from uniattn._plain import plain_attention
+
+    gradient = spec["task"] == "gradient"
+    for n in spec["ns"]:
+        q, k, v, d_out = inputs(backend, n, heads=1)
+        on_host = backend.platform(q) == "cpu"
+        fns = {"uniattn": uniattn.attention, "plain": lambda *a: plain_attention(backend, *a)}
+        for impl, fn in fns.items():
+            reason = too_big(n, 1, gradient) if impl == "plain" and on_host else None
+            if impl == "plain" and gradient and not backend.has_autodiff:
+                reason = f"{backend.name} has no autodiff"
+            if reason:
+                emit(n=n, impl=impl, skipped=reason)
+                continue
+            args = (q, k, v, d_out) if gradient else (q, k, v)
+            run = gradients(backend, fn) if gradient else fn
+            try:  # an accelerator's memory is not checked ahead: running out is reported
+                if n == spec["ns"][0] or backend.compiles_per_shape:
+                    run = backend.precompile(run, *args)  # later lengths reuse the warm-up
+                seconds, peak = timed_peak(backend, run, args)
+            except Exception as e:
+                if on_host:
+                    raise
+                emit(n=n, impl=impl, skipped=f"{type(e).__name__}: {e}"[:160])
+                continue
+            if seconds < 2:  # cheap enough for a median
+                repeat = {impl: lambda run=run, args=args: run(*args)}
+                seconds = interleaved_medians(repeat, backend.block, spec["repeats"])[impl]
+            emit(n=n, impl=impl, peak_bytes=peak, seconds=seconds)
 
 
 def _rows(name, task, ns, lines) -> list[list[str]]:

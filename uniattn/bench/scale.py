@@ -5,8 +5,8 @@ any compilation (one cold call: a warm-up would double a minutes-long run)."""
 
 from __future__ import annotations
 
-from uniattn.bench import _worker
-from uniattn.bench._common import Progress, Report, mib, ms, plain_bytes
+from uniattn._measure import emit, gradients, in_fresh_process, timed_peak
+from uniattn.bench._common import Progress, Report, inputs, mib, ms, plain_bytes
 
 
 def run(names, quick: bool = False, full: bool = False) -> Report:
@@ -21,7 +21,9 @@ def run(names, quick: bool = False, full: bool = False) -> Report:
     progress = Progress(len(names), "scale")
     for name in names:
         progress.step(f"{name} n={n}")
-        lines = _worker.run({"task_kind": "scale", "backend": name, "n": n})
+        # One call in a fresh process: nothing freed earlier can hide its peak, and a
+        # pinned mmap threshold's page faults would multiply its minutes-long run.
+        lines = in_fresh_process(f"{__name__}:measure", {"backend": name, "n": n})
         progress.advance()
         report.raw["backends"][name] = lines
         done = next((x for x in lines if "seconds" in x), None)
@@ -34,3 +36,12 @@ def run(names, quick: bool = False, full: bool = False) -> Report:
             )
     progress.close()
     return report
+
+
+def measure(backend, spec: dict) -> None:
+    """The fresh process's side: one forward+backward pass at ``spec["n"]``, its time and
+    peak extra memory."""
+    n = spec["n"]
+    q, k, v, d_out = inputs(backend, n, heads=1)
+    seconds, peak = timed_peak(backend, gradients(backend), (q, k, v, d_out))
+    emit(n=n, seconds=seconds, peak_bytes=peak)

@@ -11,8 +11,16 @@ that rate over the framework's own matmul rate in that dtype, measured in the sa
 
 from __future__ import annotations
 
-from uniattn.bench import _worker
-from uniattn.bench._common import Progress, Report, attention_flops, ms
+from uniattn._measure import emit, gradients, in_fresh_process, interleaved_medians
+from uniattn.bench._common import (
+    Progress,
+    Report,
+    attention_flops,
+    inputs,
+    matmul_rate,
+    ms,
+    too_big,
+)
 
 HEADS, D = 8, 64
 MODES = ("forward", "gradient")
@@ -43,7 +51,6 @@ def run(
     progress = Progress(len(names) * len(ns) * len(MODES), "speed")
     for name in names:
         spec = {
-            "task_kind": "speed",
             "backend": name,
             "ns": ns,
             "heads": HEADS,
@@ -60,7 +67,7 @@ def run(
                 progress.advance()
                 progress.step(f"{name} n={line['n']} {line['mode']} done")
 
-        lines = _worker.run(spec, seen)
+        lines = in_fresh_process(f"{__name__}:measure", spec, on_line=seen)
         report.add_device(lines)
         report.raw["backends"][name] = lines
         report.rows += _rows(name, lines)
@@ -82,6 +89,53 @@ def run(
             f"timings): {', '.join(measured)}"
         )
     return report
+
+
+def measure(backend, spec: dict) -> None:
+    """The fresh process's side: every implementation at each n, forward and
+    forward+backward, interleaved; the matmul rate before and after."""
+    from uniattn.bench.peers import implementations
+
+    dtype = spec.get("dtype", "float32")
+    # Measured before and after the timings (the report takes the faster): on a shared
+    # host one backend's rate had read 22% low at the start of its process.
+    emit(matmul_flops_per_s=matmul_rate(backend, dtype=dtype))
+    platform = backend.array_platform()
+    found = implementations(backend, platform, dtype)
+    for name, fn in found.items():
+        if isinstance(fn, str):
+            emit(impl=name, skipped=fn)
+    runnable = {name: fn for name, fn in found.items() if not isinstance(fn, str)}
+    for n in spec["ns"]:
+        q, k, v, d_out = inputs(backend, n, heads=spec["heads"], d=spec["d"], dtype=dtype)
+        for mode in spec["modes"]:
+            gradient = mode == "gradient"
+            if gradient and not backend.has_autodiff:
+                continue
+            fns = {}
+            for name, fn in runnable.items():
+                dense = name in _DENSE and platform == "cpu"  # a GPU's limit: the warm-up's
+                reason = too_big(n, spec["heads"], gradient) if dense else None
+                if reason:
+                    emit(n=n, mode=mode, impl=name, skipped=reason)
+                    continue
+                staged = backend.stage(gradients(backend, fn) if gradient else fn)
+                args = (q, k, v, d_out) if gradient else (q, k, v)
+                try:  # the warm-up: a peer that fails here is reported and left out
+                    backend.block(staged(*args))
+                except Exception as e:
+                    emit(n=n, mode=mode, impl=name, skipped=f"{type(e).__name__}: {e}"[:160])
+                    continue
+                fns[name] = lambda staged=staged, args=args: staged(*args)
+            seconds = interleaved_medians(
+                fns, backend.block, spec["repeats"], warm=False, settle=True
+            )
+            emit(n=n, mode=mode, seconds=seconds)
+    emit(matmul_flops_per_s=matmul_rate(backend, dtype=dtype))
+
+
+# Peers that hold the n x n scores (skipped where those would not fit).
+_DENSE = ("plain", "keras", "jax.nn.dot_product_attention")
 
 
 def _matmul_rate(lines) -> float | None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import itertools
 
 from uniattn import backends
-from uniattn.bench._common import Progress, Report, inputs, interleaved_medians, ms
+from uniattn._measure import gradients, harness, interleaved_medians
+from uniattn.bench._common import Progress, Report, inputs, ms
 
 SIZES = {"cpu": (128, 256, 512, 1024), "accelerator": (256, 512, 1024, 2048, 4096)}
 
@@ -31,20 +32,21 @@ def run(names, quick: bool = False, full: bool = False, device: str | None = Non
     )
     progress = Progress(len(names), "tune")
     for name in names:
-        backend = backends.load(name)
-        backend = backend if device is None else backend.on(device)
+        backend = harness(name, device)
         q, k, v, d_out = inputs(backend, n, heads=4)
         platform = backend.platform(q)
         sizes = SIZES["cpu" if platform == "cpu" else "accelerator"]
         pairs = [(a, b) for a, b in itertools.product(sizes, sizes) if a <= b]
-        default = backend.chunk_sizes(backend.device(q), decoding=False)
+        adapter = backends.load(name)  # the algorithm's adapter holds the defaults
+        default = adapter.chunk_sizes(adapter.device(q), decoding=False)
         progress.step(f"{name}: {len(pairs) * 2} settings")
 
         def timed(a, b, causal, backend=backend, q=q, k=k, v=v, d_out=d_out):
             kw = dict(query_chunk_size=a, key_chunk_size=b, causal=causal)
-            if not backend.has_autodiff:
+            if not backend.has_autodiff:  # NumPy: the forward (see the caption)
                 return lambda: uniattn.attention(q, k, v, **kw)
-            return lambda: backend.vjp(lambda *x: uniattn.attention(*x, **kw), q, k, v)[1](d_out)
+            run = gradients(backend, **kw)
+            return lambda: run(q, k, v, d_out)
 
         fns = {(a, b, c): timed(a, b, c) for a, b in pairs for c in (False, True)}
         seconds = interleaved_medians(fns, backend.block, repeats=2 if quick else 3)
