@@ -1,7 +1,8 @@
 """Plain attention, ``softmax(q kᵀ / √d) v`` with the whole score matrix: the baseline
 uniattn is measured against. It is written as a user of each framework would write it: the
-queries scaled (not the n x n scores), the framework's own softmax (``Backend.softmax``:
-``torch.softmax``, ``tf.nn.softmax``, ``jax.nn.softmax``; NumPy has none)."""
+queries scaled (not the n x n scores), the framework's own softmax (``Harness.softmax``:
+``torch.softmax``, ``tf.nn.softmax``, ``jax.nn.softmax``; NumPy has none), staged where
+uniattn stages (``Harness.stage``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,20 @@ from ._cache import memoized
 
 
 def plain_attention(backend, query, key, value):
-    """Plain attention on ``[*batch, length, heads, dim]`` arrays with equal head counts."""
+    """Plain attention on ``[*batch, length, heads, dim]`` arrays with equal head counts.
+
+    Parameters
+    ----------
+    backend : Harness
+        The harness of the arrays' framework (``uniattn.backends.harness``).
+    query, key, value : array
+        ``[*batch, length, heads, dim]``, the same head count each.
+
+    Returns
+    -------
+    array
+        ``[*batch, q_length, heads, dim]``.
+    """
     return _staged(backend)(query, key, value)
 
 
