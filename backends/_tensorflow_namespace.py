@@ -136,3 +136,46 @@ class Namespace:
     @staticmethod
     def log(x, /):
         return tf.math.log(x)
+
+    @staticmethod
+    def tanh(x, /):
+        return tf.math.tanh(x)
+
+    @staticmethod
+    def logaddexp(x1, x2, /):
+        big = tf.maximum(x1, x2)
+        safe = tf.where(tf.math.is_inf(big), tf.zeros_like(big), big)
+        return safe + tf.math.log(tf.exp(x1 - safe) + tf.exp(x2 - safe))
+
+    @staticmethod
+    def min(x, /, *, axis=None, keepdims=False):
+        return tf.reduce_min(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def any(x, /, *, axis=None, keepdims=False):
+        return tf.reduce_any(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def argmax(x, /, *, axis=None, keepdims=False):
+        out = tf.argmax(x, axis=axis)
+        return tf.expand_dims(out, axis) if keepdims else out
+
+    @staticmethod
+    def flip(x, /, *, axis=None):
+        return tf.reverse(x, [axis] if isinstance(axis, int) else list(axis))
+
+    @staticmethod
+    def expand_dims(x, /, *, axis=0):
+        return tf.expand_dims(x, axis)
+
+    @staticmethod
+    def bitwise_xor(x1, x2, /):
+        return tf.bitwise.bitwise_xor(x1, x2)
+
+    @staticmethod
+    def bitwise_and(x1, x2, /):
+        return tf.bitwise.bitwise_and(x1, x2)
+
+    @staticmethod
+    def bitwise_right_shift(x1, x2, /):
+        return tf.bitwise.right_shift(x1, x2)

@@ -26,7 +26,7 @@ class Case:
     kv_heads: int | None = None  # None: same as heads
     d_k: int = 8
     d_v: int | None = None  # None: same as d_k
-    causal: bool = False
+    causal: bool | str = False  # or "bottom_right", "top_left"
     window: tuple[int | None, int | None] | None = None
     query_lengths: tuple[int, ...] | None = None  # flattened [*batch]
     key_lengths: tuple[int, ...] | None = None
@@ -35,6 +35,16 @@ class Case:
     bias_fn: str | None = None  # a callable bias from CALLABLES (instead of an array)
     mask_fn: str | None = None
     masked_rows: tuple[int, ...] = ()  # query rows the mask (or a -inf bias) switches off
+    # Packed documents: their lengths, the same in every batch element; positions past their
+    # sum are padding (id -1). With kv_documents too, queries and keys get their own ids
+    # (a pair); documents=(..) alone is one array for both (self-attention).
+    documents: tuple[int, ...] | None = None
+    kv_documents: tuple[int, ...] | None = None
+    shuffled_ids: bool = False  # ids in random order (no skipping applies; still exact)
+    sinks: tuple[int, ...] | None = None  # the sinks' shape, against [*batch, heads]
+    softcap: float | None = None
+    dropout_rate: float = 0.0
+    dropout_seed: int = 0
     bias_minus_inf: bool = False  # -inf bias entries act as a mask (masked_rows: all -inf)
     layout: str = "BTHD"
     chunks: tuple[int, int] = (16, 16)
@@ -67,14 +77,25 @@ class Case:
         }
 
     def kwargs(self) -> dict:
-        """Keyword arguments of ``uniattn.attention`` (bias and mask not included)."""
+        """Keyword arguments of ``uniattn.attention`` (arrays not included)."""
+        return dict(
+            **self.semantics(),
+            query_chunk_size=self.chunks[0],
+            key_chunk_size=self.chunks[1],
+        )
+
+    def semantics(self) -> dict:
+        """The non-array keyword arguments that :mod:`uniattn.reference` takes too."""
+        dropout = {}
+        if self.dropout_rate:
+            dropout = dict(dropout_rate=self.dropout_rate, dropout_seed=self.dropout_seed)
         return dict(
             causal=self.causal,
             window=self.window,
             scale=self.scale,
             layout=self.layout,
-            query_chunk_size=self.chunks[0],
-            key_chunk_size=self.chunks[1],
+            softcap=self.softcap,
+            **dropout,
         )
 
     def with_(self, **changes) -> Case:
@@ -117,7 +138,25 @@ def make_inputs(case: Case) -> dict[str, np.ndarray | None]:
     for name in ("query_lengths", "key_lengths"):
         lengths = getattr(case, name)
         arrays[name] = None if lengths is None else np.reshape(lengths, case.batch).astype(np.int32)
+    arrays["sinks"] = None if case.sinks is None else 2.0 * rng.standard_normal(case.sinks)
+    q_ids = kv_ids = None
+    if case.documents is not None:
+        q_ids = _segment_ids(case.documents, case.q_len, case.batch)
+        kv_ids = q_ids if case.kv_documents is None else None
+    if case.kv_documents is not None:
+        kv_ids = _segment_ids(case.kv_documents, case.kv_len, case.batch)
+    if case.shuffled_ids:
+        q_ids = rng.permuted(q_ids, axis=-1)
+        kv_ids = q_ids if case.kv_documents is None else rng.permuted(kv_ids, axis=-1)
+    arrays["q_segment_ids"], arrays["kv_segment_ids"] = q_ids, kv_ids
     return arrays
+
+
+def _segment_ids(documents, length, batch):
+    """Ids 0, 0, .., 1, 1, .. of consecutive documents, then -1 (padding), ``[*batch, length]``."""
+    ids = np.repeat(np.arange(len(documents)), documents)[:length]
+    ids = np.concatenate([ids, np.full(length - ids.size, -1)]).astype(np.int32)
+    return np.broadcast_to(ids, (*batch, length)).copy()
 
 
 def alibi(xp, heads: int, dtype, device=None) -> Callable:
@@ -346,6 +385,65 @@ _CASES = [
         causal=True,
         chunks=(8, 16),
         dtypes=("float64", "float16"),
+    ),
+    # -- what models need: packing, sinks, soft-capping, dropout, top-left causal -------
+    Case("top-left", 24, 40, causal="top_left", chunks=(8, 16), dtypes=ALL_DTYPES),
+    Case("top-left-q-longer", 40, 24, causal="top_left", chunks=(16, 8)),
+    Case("top-left-window", 30, 50, causal="top_left", window=(6, None), chunks=(8, 8)),
+    Case("bottom-right-named", 24, 40, causal="bottom_right", chunks=(8, 16)),
+    Case("packed", 64, 64, documents=(10, 30, 4, 20), chunks=(8, 16), dtypes=ALL_DTYPES),
+    Case("packed-causal", 64, 64, documents=(16, 16, 32), causal=True, chunks=(16, 16)),
+    # the last 9 positions are padding: their rows give 0 with zero gradients
+    Case("packed-padding-gqa", 48, 48, heads=4, kv_heads=2, documents=(20, 19), causal=True),
+    Case("packed-uneven-chunks", 45, 45, documents=(7, 11, 13, 14), chunks=(6, 9)),
+    Case(
+        "packed-cross",
+        30,
+        50,
+        documents=(10, 12, 8),
+        kv_documents=(20, 10, 20),
+        chunks=(8, 16),
+    ),
+    Case("packed-shuffled", 40, 40, documents=(10, 10, 10, 10), shuffled_ids=True, chunks=(8, 8)),
+    Case(
+        "packed-window-bias-bhtd",
+        40,
+        40,
+        layout="BHTD",
+        documents=(25, 15),
+        window=(5, 5),
+        bias=(2, 2, 40, 40),
+        chunks=(8, 8),
+    ),
+    Case("packed-decode", 1, 60, documents=(1,), kv_documents=(30, 30), heads=4, kv_heads=2),
+    Case("sinks", 40, 50, heads=4, sinks=(4,), chunks=(16, 16), dtypes=ALL_DTYPES),
+    Case("sinks-per-batch", 30, 30, heads=2, sinks=(2, 2), causal=True, chunks=(8, 8)),
+    Case("sinks-gqa-window", 40, 40, heads=4, kv_heads=2, sinks=(4,), window=(7, 0)),
+    # rows that see no key: 0 output, lse = the sink
+    Case("sinks-masked-rows", 20, 30, sinks=(2,), mask=(20, 30), masked_rows=(0, 7)),
+    Case("sinks-decode", 1, 40, heads=4, kv_heads=2, sinks=(4,), key_lengths=(40, 11)),
+    Case("softcap", 40, 50, softcap=0.5, logit_gain=4.0, chunks=(16, 16), dtypes=ALL_DTYPES),
+    Case("softcap-bias-causal", 33, 33, softcap=2.0, bias=(2, 2, 33, 33), causal=True),
+    Case("dropout", 40, 50, dropout_rate=0.3, dropout_seed=11, dtypes=ALL_DTYPES),
+    Case("dropout-causal-uneven", 37, 41, causal=True, dropout_rate=0.1, chunks=(5, 7)),
+    Case("dropout-gqa-decode", 1, 40, heads=4, kv_heads=2, dropout_rate=0.5, dropout_seed=-3),
+    Case(
+        "everything",
+        45,
+        45,
+        batch=(2, 2),
+        heads=4,
+        kv_heads=2,
+        causal="top_left",
+        window=(20, None),
+        documents=(12, 17, 16),
+        sinks=(4,),
+        softcap=3.0,
+        dropout_rate=0.2,
+        dropout_seed=2**40 + 5,
+        bias=(4, 45, 45),
+        key_lengths=(45, 44, 30, 45),
+        chunks=(8, 16),
     ),
     Case("huge-logits", 32, 48, logit_gain=1e3, integer_qk=True, scale=0.125, chunks=(8, 8)),
     Case(

@@ -12,8 +12,8 @@ from uniattn import reference
 
 from .cases import CALLABLES, Case, make_inputs
 
-DIFFERENTIABLE = ("query", "key", "value", "bias")
-OTHERS = ("mask", "query_lengths", "key_lengths")
+DIFFERENTIABLE = ("query", "key", "value", "bias", "sinks")
+OTHERS = ("mask", "query_lengths", "key_lengths", "segment_ids")
 
 
 @dataclass
@@ -38,24 +38,31 @@ class Prepared:
         return [n for n in DIFFERENTIABLE if _is_array(self.arrays[n])]
 
     def call(self, *primals, **overrides):
-        """``uniattn.attention`` on this case (primals replace query, key, value[, bias])."""
+        """``uniattn.attention`` on this case (primals replace query, key, value and the
+        differentiable operands given: bias, sinks)."""
         arrays = dict(self.arrays)
-        for name, x in zip(DIFFERENTIABLE, primals, strict=False):  # bias is optional
+        for name, x in zip(self._differentiable(), primals, strict=False):
             arrays[name] = x
         kwargs = {**self.case.kwargs(), **self.others(), **overrides}
-        return uniattn.attention(
-            arrays["query"], arrays["key"], arrays["value"], bias=arrays["bias"], **kwargs
-        )
+        q, k, v = arrays["query"], arrays["key"], arrays["value"]
+        return uniattn.attention(q, k, v, bias=arrays["bias"], sinks=arrays["sinks"], **kwargs)
 
     def others(self, source=None) -> dict:
-        """The non-differentiable keyword arguments: mask and lengths."""
+        """The non-differentiable array arguments: mask, lengths, segment ids."""
         source = self.arrays if source is None else source
+        q_ids, kv_ids = source["q_segment_ids"], source["kv_segment_ids"]
+        source = {**source, "segment_ids": q_ids if kv_ids is q_ids else (q_ids, kv_ids)}
         return {n: source[n] for n in OTHERS}
 
     def reference_output(self):
         r = self.rounded
         return reference.attention(
-            r["query"], r["key"], r["value"], bias=r["bias"], **self.reference_kwargs()
+            r["query"],
+            r["key"],
+            r["value"],
+            bias=r["bias"],
+            sinks=r["sinks"],
+            **self.reference_kwargs(),
         )
 
     def reference_gradients(self) -> dict:
@@ -66,16 +73,16 @@ class Prepared:
             r["value"],
             r["d_out"],
             bias=r["bias"],
+            sinks=r["sinks"],
             **self.reference_kwargs(),
         )
-        grads = {"query": g.dq, "key": g.dk, "value": g.dv, "bias": g.d_bias}
+        grads = {"query": g.dq, "key": g.dk, "value": g.dv, "bias": g.d_bias, "sinks": g.d_sinks}
         return {n: grads[n] for n in self._differentiable()}
 
     def reference_kwargs(self) -> dict:
-        """The semantic keyword arguments of :mod:`uniattn.reference` (bias excluded)."""
-        c = self.case
-        semantics = dict(causal=c.causal, window=c.window, scale=c.scale, layout=c.layout)
-        return {**semantics, **self.others(self.rounded)}
+        """The semantic keyword arguments of :mod:`uniattn.reference` (bias and sinks
+        excluded)."""
+        return {**self.case.semantics(), **self.others(self.rounded)}
 
     def gradients(self, **overrides) -> dict:
         """Gradients by the backend's autodiff, as float64 NumPy arrays."""
@@ -86,7 +93,13 @@ class Prepared:
         """Gradients from ``uniattn.vjp`` (uniattn's own backward, every backend)."""
         a = self.arrays
         _out, vjp_fn = uniattn.vjp(
-            a["query"], a["key"], a["value"], bias=a["bias"], **self.case.kwargs(), **self.others()
+            a["query"],
+            a["key"],
+            a["value"],
+            bias=a["bias"],
+            sinks=a["sinks"],
+            **self.case.kwargs(),
+            **self.others(),
         )
         return self._named(vjp_fn(a["d_out"]))
 
@@ -103,7 +116,7 @@ def prepare(backend, case: Case, dtype: str) -> Prepared:
     for name, a in make_inputs(case).items():
         if a is None:
             arrays[name] = rounded[name] = None
-        elif a.dtype.kind in "bi":  # masks and lengths
+        elif a.dtype.kind in "bi":  # masks, lengths and segment ids
             arrays[name] = backend.asarray(a)
             rounded[name] = a
         else:

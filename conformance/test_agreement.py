@@ -18,6 +18,8 @@ AGREEMENT_CASES = [
     "mask-and-bias-causal",
     "gqa-mask-bhtd",
     "decode",
+    "packed-padding-gqa",
+    "everything",
 ]
 
 

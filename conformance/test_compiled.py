@@ -11,7 +11,13 @@ from .cases import CASES
 from .harness import prepare
 from .tolerances import assert_close, assert_gradients_close
 
-COMPILED_CASES = ["non-divisible", "mask-and-bias-causal", "gqa", "callables-window-lengths"]
+COMPILED_CASES = [
+    "non-divisible",
+    "mask-and-bias-causal",
+    "gqa",
+    "callables-window-lengths",
+    "everything",
+]
 
 
 def _needs_compiler(backend):

@@ -19,6 +19,10 @@ LSE_CASES = [
     "query-lengths",
     "callables-window-lengths",
     "decode-gqa-lengths",
+    "sinks-masked-rows",
+    "sinks-decode",
+    "packed-padding-gqa",
+    "everything",
 ]
 
 
@@ -28,7 +32,13 @@ def test_lse_matches_reference(backend, name):
     out, lse = p.call(*p.primals(), return_lse=True)
     r = p.rounded
     ref_out, ref_lse = reference.attention(
-        r["query"], r["key"], r["value"], bias=r["bias"], return_lse=True, **p.reference_kwargs()
+        r["query"],
+        r["key"],
+        r["value"],
+        bias=r["bias"],
+        sinks=r["sinks"],
+        return_lse=True,
+        **p.reference_kwargs(),
     )
     lse = backend.to_numpy(lse)
     assert lse.shape == ref_lse.shape

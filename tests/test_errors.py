@@ -157,7 +157,9 @@ def test_chunk_size_accepts_numpy_integers():
 @pytest.mark.parametrize("name", ["causal", "return_lse"])
 @pytest.mark.parametrize("value", [1, "yes", None, np.ones(1)])
 def test_flags_must_be_bool(name, value):
-    with raises(TypeError, name, "bool"):
+    # causal also takes two strings: another string is a ValueError (test_causal_strings)
+    error = ValueError if (name, value) == ("causal", "yes") else TypeError
+    with raises(error, name, "bool"):
         uniattn.attention(*arrays(), **{name: value})
 
 
@@ -250,3 +252,99 @@ def test_callable_receives_chunk_positions():
     assert {s[:3] for s in seen} == {(np.dtype(np.int32), (4, 1), (1, 5))}
     # row blocks start at 0, 4 and 6 (the last one ends at q_len 10); key chunks at 0, 5, 7
     assert {s[3] for s in seen} == {0, 4, 6} and {s[4] for s in seen} == {0, 5, 7}
+
+
+def self_attention(length=10):
+    return arrays((2, length, 4, 8), (2, length, 2, 8))
+
+
+@pytest.mark.parametrize("causal", ["top-left", "TOP_LEFT", ""])
+def test_causal_strings(causal):
+    q, k, v = arrays()
+    with raises(ValueError, "causal", "bottom_right", "top_left", repr(causal)):
+        uniattn.attention(q, k, v, causal=causal)
+
+
+def test_causal_type():
+    q, k, v = arrays()
+    with raises(TypeError, "causal", "int"):
+        uniattn.attention(q, k, v, causal=1)
+
+
+def test_segment_ids_dtype_and_shape():
+    q, k, v = self_attention()
+    with raises(TypeError, "segment_ids", "integer", "float64"):
+        uniattn.attention(q, k, v, segment_ids=np.zeros((2, 10)))
+    with raises(ValueError, "segment_ids", r"\(2, 10\)", r"\(2, 9\)"):
+        uniattn.attention(q, k, v, segment_ids=np.zeros((2, 9), np.int32))
+    q, k, v = arrays()  # q_len 10, kv_len 12: one array cannot serve both
+    with raises(ValueError, "segment_ids", "self-attention", r"\(2, 12\)"):
+        uniattn.attention(q, k, v, segment_ids=np.zeros((2, 10), np.int32))
+    with raises(ValueError, r"segment_ids\[1\]", r"\(2, 12\)", r"\(2, 10\)"):
+        ids = np.zeros((2, 10), np.int32)
+        uniattn.attention(q, k, v, segment_ids=(ids, ids))
+    with raises(ValueError, "segment_ids", "pair"):
+        uniattn.attention(q, k, v, segment_ids=(np.zeros((2, 10), np.int32),))
+
+
+def test_segment_ids_framework():
+    torch = pytest.importorskip("torch", reason="needs a second framework")
+    q, k, v = self_attention()
+    with raises(TypeError, "one framework", "q_segment_ids is a torch"):
+        uniattn.attention(q, k, v, segment_ids=torch.zeros(2, 10, dtype=torch.int32))
+
+
+def test_sinks():
+    q, k, v = arrays()
+    with raises(ValueError, "sinks", r"\[\*batch, heads\]", r"\(2, 4\)", r"\(3,\)"):
+        uniattn.attention(q, k, v, sinks=np.zeros(3, np.float32))
+    with raises(TypeError, "sinks", "floating", "int64"):
+        uniattn.attention(q, k, v, sinks=np.zeros(4, np.int64))
+
+
+@pytest.mark.parametrize("softcap", [0.0, -1.0, float("inf"), float("nan")])
+def test_softcap_value(softcap):
+    q, k, v = arrays()
+    with raises(ValueError, "softcap", "> 0"):
+        uniattn.attention(q, k, v, softcap=softcap)
+
+
+def test_softcap_type():
+    q, k, v = arrays()
+    with raises(TypeError, "softcap", "str"):
+        uniattn.attention(q, k, v, softcap="30")
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
+def test_dropout_rate_range(rate):
+    q, k, v = arrays()
+    with raises(ValueError, "dropout_rate", r"\[0, 1\)", str(rate)):
+        uniattn.attention(q, k, v, dropout_rate=rate, dropout_seed=0)
+
+
+def test_dropout_needs_a_seed():
+    q, k, v = arrays()
+    with raises(ValueError, "dropout_seed", "0.1"):
+        uniattn.attention(q, k, v, dropout_rate=0.1)
+
+
+@pytest.mark.parametrize("seed", [1.5, np.float32(2.0), np.zeros((), np.float32), True, "7"])
+def test_dropout_seed_type(seed):
+    q, k, v = arrays()
+    with raises(TypeError, "dropout_seed", "int"):
+        uniattn.attention(q, k, v, dropout_rate=0.1, dropout_seed=seed)
+
+
+def test_dropout_seed_shape():
+    q, k, v = arrays()
+    with raises(TypeError, "dropout_seed", "0-d", r"\(2,\)"):
+        uniattn.attention(q, k, v, dropout_rate=0.1, dropout_seed=np.zeros(2, np.int32))
+
+
+def test_cu_seqlens_helper_errors():
+    with raises(TypeError, "cu_seqlens", "integer", "float64"):
+        uniattn.segment_ids_from_cu_seqlens(np.zeros(3), 4)
+    with raises(ValueError, "cu_seqlens", r"\[documents \+ 1\]", r"\(2, 2\)"):
+        uniattn.segment_ids_from_cu_seqlens(np.zeros((2, 2), np.int32), 4)
+    with raises(ValueError, "length", "-1"):
+        uniattn.segment_ids_from_cu_seqlens(np.zeros(2, np.int32), -1)

@@ -151,3 +151,84 @@ def test_bounds_stay_ints_where_they_are_static():
     array = np.asarray(4, dtype=np.int32)
     assert int(minimum(xp, 6, array)) == 4 and int(maximum(xp, array, 6)) == 6
     assert int(select(xp, array > 3, 1, 2)) == 1
+
+
+def _segmented(q_len, kv_len, q_chunk, k_chunk, q_ids, kv_ids):
+    return Schedule(
+        backend.namespace(),
+        q_len=q_len,
+        kv_len=kv_len,
+        rows=q_len,
+        folded=False,
+        query_chunk=q_chunk,
+        key_chunk=k_chunk,
+        left=None,
+        right=None,
+        q_ids=q_ids,
+        kv_ids=kv_ids,
+    )
+
+
+def _looped(bands):
+    return {i for b in bands for i in range(int(b.lower), int(b.upper))}
+
+
+def _pair_ids(s, q_ids, kv_ids, r, j):
+    rows = slice(s.rows.start(r), s.rows.start(r) + s.rows.size)
+    keys = slice(s.keys.start(j), s.keys.start(j) + s.keys.size)
+    return q_ids[:, rows], kv_ids[:, keys]
+
+
+def _ids_match(s, q_ids, kv_ids, r, j) -> bool:
+    """Whether a query and a key of the pair share a valid id in some batch element."""
+    a, b = _pair_ids(s, q_ids, kv_ids, r, j)
+    return bool(np.any((a[:, :, None] == b[:, None, :]) & (a[:, :, None] >= 0)))
+
+
+def _ranges_overlap(s, q_ids, kv_ids, r, j) -> bool:
+    """Whether the pair's ranges of valid ids overlap in some batch element."""
+    for a, b in zip(*_pair_ids(s, q_ids, kv_ids, r, j), strict=True):
+        a, b = a[a >= 0], b[b >= 0]
+        if a.size and b.size and a.min() <= b.max() and b.min() <= a.max():
+            return True
+    return False
+
+
+@pytest.mark.parametrize("sort", [True, False], ids=["packed", "shuffled"])
+def test_segment_bands_cover_matching_pairs_and_skip_disjoint_ones(sort):
+    """Every chunk pair holding a query and a key with the same valid id is computed; with
+    ids that do not decrease along the sequence (one batch element), no pair whose id ranges
+    are disjoint is."""
+    rng = np.random.default_rng(0)
+    skipped = 0
+    for q_len, kv_len, q_chunk, k_chunk in [(40, 40, 8, 8), (37, 53, 5, 7), (64, 64, 16, 4)]:
+        for _ in range(20):
+            q_ids = rng.integers(-1, 5, size=(2, q_len)).astype(np.int32)
+            kv_ids = rng.integers(-1, 5, size=(2, kv_len)).astype(np.int32)
+            if sort:  # one batch element: the bands are the union over the batch
+                q_ids, kv_ids = np.sort(q_ids[:1], axis=-1), np.sort(kv_ids[:1], axis=-1)
+                q_ids[0, -3:] = kv_ids[0, -5:] = -1  # padding at the end, after sorting
+            s = _segmented(q_len, kv_len, q_chunk, k_chunk, q_ids, kv_ids)
+            pairs = [(r, j) for r in range(s.rows.count) for j in range(s.keys.count)]
+            by_rows = {r: _looped(s.key_bands(r)) for r in range(s.rows.count)}
+            by_keys = {j: _looped(s.row_bands(j)) for j in range(s.keys.count)}
+            for r, j in pairs:
+                if _ids_match(s, q_ids, kv_ids, r, j):
+                    assert j in by_rows[r] and r in by_keys[j], (r, j)
+                elif sort:
+                    overlap = _ranges_overlap(s, q_ids, kv_ids, r, j)
+                    assert overlap or (j not in by_rows[r] and r not in by_keys[j]), (r, j)
+                    skipped += not overlap
+    assert skipped > 100 if sort else True
+
+
+def test_packed_documents_skip_to_their_own_blocks():
+    """Documents of 16, 16, 16 and 8 tokens, then 8 of padding, in chunks of 8: each block
+    sees exactly its document's chunks; the padding block sees none."""
+    ids = np.repeat(np.arange(4, dtype=np.int32), 16)[None, :]
+    ids[:, 56:] = -1
+    s = _segmented(64, 64, 8, 8, ids, ids)
+    own = {0: {0, 1}, 1: {0, 1}, 2: {2, 3}, 3: {2, 3}, 4: {4, 5}, 5: {4, 5}, 6: {6}, 7: set()}
+    for r in range(8):
+        assert _looped(s.key_bands(r)) == own[r], r
+        assert _looped(s.row_bands(r)) == own[r], r

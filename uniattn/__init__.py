@@ -7,6 +7,7 @@ Importing uniattn imports no framework; the backend is picked from the arrays' t
 """
 
 from ._api import attention, vjp
+from ._segments import segment_ids_from_cu_seqlens
 
 __version__ = "0.1.0"
-__all__ = ["attention", "vjp"]
+__all__ = ["attention", "segment_ids_from_cu_seqlens", "vjp"]

@@ -1,24 +1,37 @@
 """Memory-efficient attention (Rabe & Staats 2021), written once against the array API.
 
-Arrays arrive in the canonical layout that :mod:`uniattn._arguments` prepares::
+Arrays arrive in the canonical layout that :mod:`uniattn._arguments` prepares
+(:class:`Operands`)::
 
     q              [*batch, kv_heads, groups, q_len, d_k]   (heads = kv_heads * groups)
     k              [*batch, kv_heads, 1,      kv_len, d_k]
     v              [*batch, kv_heads, 1,      kv_len, d_v]
     bias, mask     same rank as q; every axis either full or 1 (broadcast)
-    q/k_lengths    [*batch, 1, 1, 1, 1] int32, or None
+    sinks          same rank as q, [.., kv_heads, groups, 1, 1] (or broadcast)
+    q/k_lengths    [*batch, 1, 1, 1, 1] int32
+    q_ids, kv_ids  [*batch, 1, 1, q_len, 1] and [*batch, 1, 1, 1, kv_len] int32
+    seed           0-d int32
+
+The scores of a chunk pair are ``z = scale * q kᵀ``, soft-capped (``cap * tanh(z / cap)``),
+plus the bias, with ``-inf`` wherever a mask, the window, the lengths or the segment ids
+say the query may not attend the key. Sinks join each row's normaliser as one more logit
+with a zero value; dropout multiplies kept probabilities by ``1 / (1 - rate)`` and drops
+the others, with a mask that depends only on positions (:mod:`uniattn._dropout`).
 
 **Forward** (:func:`forward`). The outer loop runs over blocks of query rows, the inner
 loop over key chunks. The inner loop carries, per row, the running maximum ``m`` of the
 scores, the running sum ``l`` of ``exp(score - m)`` and the unnormalised output ``acc``;
 each key chunk rescales them by ``exp(m_old - m_new)``. The result is ``acc / l`` and the
-per-row logsumexp ``m + log(l)``.
+per-row logsumexp ``m + log(l)`` (with sinks: ``L = logaddexp(m + log(l), sink)``, and the
+output rescaled to that normaliser).
 
 **Backward** (:func:`backward`, FlashAttention-2 §3.2). From the output ``O`` and the
 logsumexp alone, each chunk's probabilities are recomputed, ``P = exp(S - lse)``; with
 ``Δ = rowsum(dO ∘ O)``: ``dV += Pᵀ dO``, ``dS = P ∘ (dO Vᵀ - Δ)``, ``dQ += dS K``,
-``dK += dSᵀ Q`` and ``d_bias = dS``. The outer loop runs over key chunks (dK and dV in the
-inner loop's carry), the inner loop over row blocks (dQ accumulated per row block).
+``dK += dSᵀ Q`` and ``d_bias = dS`` (through a soft cap, ``dS ∘ (1 - tanh²)`` for q and
+k; with dropout, ``P`` and ``dO Vᵀ`` carry the regenerated mask). The outer loop runs over
+key chunks (dK and dV in the inner loop's carry), the inner loop over row blocks (dQ
+accumulated per row block). A sink's gradient is ``-Σ_rows exp(sink - L) Δ``.
 
 Which chunk pairs are computed, and which need the causal or window mask, is the
 schedule's business (:mod:`uniattn._schedule`): only one ``q_chunk x k_chunk`` block of
@@ -38,10 +51,12 @@ Everything here is array-API calls on ``xp`` and calls to the adapter contract
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ._dropout import Hash, threshold
 from ._schedule import Schedule, Split, join, scan_chunks, split
 
 NEG_INF = float("-inf")
@@ -51,9 +66,10 @@ NAN = float("nan")
 class Options(NamedTuple):
     """Static (hashable) options of one call, after validation.
 
-    ``left``/``right`` bound the keys a query sees relative to its diagonal (None:
-    unbounded; ``causal`` is ``right=0``). ``bias_fn``/``mask_fn`` map absolute positions
-    ``([q_chunk, 1], [1, k_chunk])`` to a block in the canonical layout.
+    ``left``/``right`` bound the keys a query sees relative to its bottom-right diagonal
+    (None: unbounded; ``causal`` is ``right=0``, top-left causal ``right=q_len-kv_len``).
+    ``bias_fn``/``mask_fn`` map absolute positions ``([q_chunk, 1], [1, k_chunk])`` to a
+    block in the canonical layout.
     """
 
     scale: float
@@ -63,64 +79,85 @@ class Options(NamedTuple):
     right: int | None = None
     bias_fn: Callable | None = None
     mask_fn: Callable | None = None
+    softcap: float | None = None
+    dropout_rate: float = 0.0
+
+
+class Operands(NamedTuple):
+    """A call's arrays (None where absent); bias and sinks are differentiable."""
+
+    q: Any
+    k: Any
+    v: Any
+    bias: Any = None
+    mask: Any = None
+    q_lengths: Any = None
+    k_lengths: Any = None
+    q_ids: Any = None
+    kv_ids: Any = None
+    sinks: Any = None
+    seed: Any = None
 
 
 # -- forward -------------------------------------------------------------------------------
-def forward(
-    backend: Any, q, k, v, bias, mask, q_lengths, k_lengths, *, options: Options, remat=True
-):
+def forward(backend: Any, ops: Operands, *, options: Options, remat=True):
     """Attention output ``[*batch, kv_heads, groups, q_len, d_v]`` and its logsumexp.
 
     Both are in the accumulation dtype, float32 (float64 for float64 inputs): the caller
     rounds the output to the input dtype, and the backward's ``Δ = rowsum(dO ∘ O)`` uses
     the unrounded one. The logsumexp ``[*batch, kv_heads, groups, q_len]`` is ``-inf`` on
-    rows that see no key; those rows' output is 0. With ``remat`` each chunk's
-    intermediates are recomputed when the framework differentiates through the loops.
+    rows that see no key (the sink's logit with sinks); those rows' output is 0. With
+    ``remat`` each chunk's intermediates are recomputed when the framework differentiates
+    through the loops.
     """
-    c = _Context(backend, q, k, q_lengths, k_lengths, options)
+    c = _Context(backend, ops, options)
     xp = c.xp
+    q, k, v = ops.q, ops.k, ops.v
     if c.empty:
-        zero = _connected_zero(xp, c.acc_dtype, q, k, v, bias)
+        zero = _connected_zero(xp, c.acc_dtype, q, k, v, ops.bias, ops.sinks)
         out = c.zeros((*q.shape[:-1], v.shape[-1])) + zero
-        return out, xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device) + zero
+        lse = xp.full(q.shape[:-1], NEG_INF, dtype=c.acc_dtype, device=c.device) + zero
+        if ops.sinks is not None:
+            lse = xp.logaddexp(lse, c.lift(ops.sinks)[..., 0])
+        return out, lse
     q, k, v = c.lift(c.fold(q)), c.lift(k), c.lift(v)
     if k.shape[-1] == 0:
         # Zero-width keys: a zero column in q and k (the scores stay 0), so that a key
         # whose value is not finite has an entry for `isolated` to make NaN.
         q, k = (xp.concat((x, c.zeros((*x.shape[:-1], 1))), axis=-1) for x in (q, k))
-    bias, mask = c.lift(c.fold(bias)), c.fold(mask)
+    passed = (c.lift(c.fold(ops.bias)), c.fold(ops.mask), c.lift(c.fold(ops.sinks)))
     attend = functools.partial(_attend, c, remat=remat)
-    return backend.cond_call(c.all_finite(q, k, v), attend, c.isolated, (q, k, v), (bias, mask))
+    return backend.cond_call(c.all_finite(q, k, v), attend, c.isolated, (q, k, v), passed)
 
 
-def _attend(c: _Context, q, k, v, bias, mask, *, remat: bool):
+def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool):
     """:func:`forward` of prepared operands: finite, or isolated by :meth:`_Context.isolated`."""
     backend, xp, schedule = c.backend, c.xp, c.schedule
 
-    def fold_in(m, l, acc, q_c, k_c, v_c, bias_c, mask_c, r, j, *, masked):
+    def fold_in(m, l, acc, q_c, k_c, v_c, bias_c, mask_c, q_ids, kv_ids, r, j, *, masked):
         """Fold key chunk ``j`` into the running (max, sum, accumulator) of row block ``r``;
         ``masked=False`` where every row sees the whole chunk."""
-        s = c.scores(q_c, k_c, bias_c, mask_c, r, j, masked)
+        s, _ = c.scores(q_c, k_c, r, j, masked, bias_c, mask_c, q_ids, kv_ids)
         # The result does not depend on m, so no gradient needs to flow through it.
         m_new = xp.maximum(m, backend.stop_gradient(xp.max(s, axis=-1, keepdims=True)))
         m_ref = xp.where(m_new == NEG_INF, 0.0, m_new)  # rows that have seen no key yet
         p = backend.exp_shifted(s, m_ref)
         rescale = xp.exp(m - m_ref)
         l = l * rescale + backend.row_sums(p)
-        acc = acc * rescale + xp.matmul(p, v_c)
+        acc = acc * rescale + xp.matmul(c.dropped(p, r, j), v_c)
         return m_new, l, acc
 
     folds = {masked: functools.partial(fold_in, masked=masked) for masked in (False, True)}
     if remat:
         folds = {masked: backend.remat(fn) for masked, fn in folds.items()}
+    kv_ids_by_key = split(xp, c.kv_ids, -1, schedule.keys)
 
-    def row_block(q_c, bias_c, mask_c, r, k_chunks, v_chunks):
+    def row_block(q_c, bias_c, mask_c, q_ids, sinks_c, r, k_chunks, v_chunks):
         """Output and logsumexp of row block ``r`` against every key chunk it can see."""
         q_c = q_c * c.options.scale  # per block: a scaled copy of q would be one more n·d
-        bias_by_key = split(xp, bias_c, -1, schedule.keys)
-        mask_by_key = split(xp, mask_c, -1, schedule.keys)
+        by_key = (split(xp, bias_c, -1, schedule.keys), split(xp, mask_c, -1, schedule.keys))
         # Connected to the inputs even if no key chunk is visible (no loop trip runs).
-        zero = _connected_zero(xp, c.acc_dtype, q_c, k_chunks[0], v_chunks[0], bias_c)
+        zero = _connected_zero(xp, c.acc_dtype, q_c, k_chunks[0], v_chunks[0], bias_c, sinks_c)
         rows = q_c.shape[:-1]
         carry = (
             xp.full((*rows, 1), NEG_INF, dtype=c.acc_dtype, device=c.device) + zero,
@@ -130,15 +167,19 @@ def _attend(c: _Context, q, k, v, bias, mask, *, remat: bool):
         for band in schedule.key_bands(r):
 
             def body(j, carry, fold=folds[band.masked]):
-                chunks = (k_chunks[j], v_chunks[j], bias_by_key.at(j), mask_by_key.at(j))
-                return fold(*carry, q_c, *chunks, r, j)
+                chunks = (k_chunks[j], v_chunks[j], by_key[0].at(j), by_key[1].at(j))
+                return fold(*carry, q_c, *chunks, q_ids, kv_ids_by_key.at(j), r, j)
 
             carry = backend.fori_loop(band.lower, band.upper, body, carry, band.trips)
         m, l, acc = carry
         seen = l != 0.0
         l_safe = xp.where(seen, l, 1.0)
-        lse = xp.where(seen, m + xp.log(l_safe), NEG_INF)
-        return acc / l_safe, lse[..., 0]
+        out, lse = acc / l_safe, xp.where(seen, m + xp.log(l_safe), NEG_INF)
+        if sinks_c is not None:  # one more logit in the normaliser, with a zero value
+            total = xp.logaddexp(lse, sinks_c)
+            out = out * xp.where(seen, xp.exp(lse - xp.where(seen, total, 0.0)), 0.0)
+            lse = total
+        return out, lse[..., 0]
 
     if remat:
         row_block = backend.remat(row_block)
@@ -148,29 +189,31 @@ def _attend(c: _Context, q, k, v, bias, mask, *, remat: bool):
     def step(carry, r, row_chunks):
         return carry, row_block(*row_chunks, r, k_chunks, v_chunks)
 
-    by_rows = tuple(split(xp, x, -2, schedule.rows) for x in (q, bias, mask))
+    by_rows = tuple(split(xp, x, -2, schedule.rows) for x in (q, bias, mask, c.q_ids, sinks))
     _, (out, lse) = scan_chunks(backend, step, (), by_rows, schedule.rows)
     out, lse = join(xp, out, -2, schedule.rows), join(xp, lse, -1, schedule.rows)
     return c.fold(out), c.fold(lse[..., None])[..., 0]
 
 
 # -- backward ------------------------------------------------------------------------------
-def backward(
-    backend: Any, q, k, v, bias, mask, q_lengths, k_lengths, out, lse, d_out, d_lse, *, options
-):
-    """Cotangents ``(dq, dk, dv, d_bias)`` of :func:`forward`'s ``(out, lse)``.
+def backward(backend: Any, ops: Operands, out, lse, d_out, d_lse, *, options: Options):
+    """Cotangents ``(dq, dk, dv, d_bias, d_sinks)`` of :func:`forward`'s ``(out, lse)``.
 
-    ``d_lse`` may be None. Each cotangent has its primal's shape and dtype; ``d_bias`` is
-    None without a bias. Rows that see no key get zero gradients.
+    ``d_lse`` may be None. Each cotangent has its primal's shape and dtype; ``d_bias`` and
+    ``d_sinks`` are None without a bias or sinks. Rows that see no key get zero gradients.
     """
-    c = _Context(backend, q, k, q_lengths, k_lengths, options)
+    c = _Context(backend, ops, options)
     xp = c.xp
-    dtypes = (q.dtype, k.dtype, v.dtype, None if bias is None else bias.dtype)
+    q, k, v, bias, sinks = ops.q, ops.k, ops.v, ops.bias, ops.sinks
+    dtypes = tuple(None if x is None else x.dtype for x in (q, k, v, bias, sinks))
     if c.empty:
-        return tuple(None if x is None else xp.zeros_like(x) for x in (q, k, v, bias))
+        grads = [None if x is None else xp.zeros_like(x) for x in (q, k, v, bias, sinks)]
+        if sinks is not None and d_lse is not None:  # L = sink: d sink = Σ d_lse
+            grads[4] = xp.astype(_sum_to(xp, c.lift(d_lse)[..., None], sinks.shape), sinks.dtype)
+        return tuple(grads)
     q, k, v = c.lift(c.fold(q)), c.lift(k), c.lift(v)
     backprop = functools.partial(_backprop, c, dtypes)
-    passed = (bias, mask, out, lse, d_out, d_lse)
+    passed = (bias, ops.mask, sinks, out, lse, d_out, d_lse)
     return backend.cond_call(c.all_finite(q, k, v), backprop, c.zeroed, (q, k, v), passed)
 
 
@@ -184,11 +227,12 @@ class _RowChunk(NamedTuple):
     d_out_t: Any
     lse: Any  # [.., rows, 1]
     delta: Any  # Δ = rowsum(dO ∘ O) - d_lse, [.., rows, 1]
+    q_ids: Any
     bias: Any
     mask: Any
 
 
-def _backprop(c: _Context, dtypes, q, k, v, bias, mask, out, lse, d_out, d_lse):
+def _backprop(c: _Context, dtypes, q, k, v, bias, mask, sinks, out, lse, d_out, d_lse):
     """:func:`backward` of prepared operands: finite, or zeroed by :meth:`_Context.zeroed`."""
     backend, xp, schedule = c.backend, c.xp, c.schedule
     t = xp.matrix_transpose
@@ -196,7 +240,7 @@ def _backprop(c: _Context, dtypes, q, k, v, bias, mask, out, lse, d_out, d_lse):
     # are constants here: they contribute nothing, so every other gradient stays exact.
     affected = c.fold(xp.logical_not(xp.logical_or(xp.isfinite(lse), lse == NEG_INF))[..., None])
     q = q * c.options.scale
-    bias, mask = c.lift(c.fold(bias)), c.fold(mask)
+    bias, mask, sinks = c.lift(c.fold(bias)), c.fold(mask), c.lift(c.fold(sinks))
     d_out = xp.where(affected, 0.0, c.lift(c.fold(d_out)))
     delta = xp.vecdot(d_out, c.lift(c.fold(out)))[..., None]
     if d_lse is not None:  # d lse / d S = P, so d_lse joins Δ
@@ -210,23 +254,26 @@ def _backprop(c: _Context, dtypes, q, k, v, bias, mask, out, lse, d_out, d_lse):
         return c.indexed(split(xp, x, axis, schedule.rows))
 
     rows = (by_rows(q), by_rows(t(q), -1), by_rows(d_out), by_rows(t(d_out), -1))
-    rows += (by_rows(lse), by_rows(delta))
+    rows += (by_rows(lse), by_rows(delta), by_rows(c.q_ids))
     dq_sum = _RowSum(c, by_blocks=True)
     db_sum = _RowSum(c, by_blocks=bias is not None and bias.shape[-2] == schedule.rows.length)
     bias_by_keys = bias is not None and bias.shape[-1] == c.kv_len
 
-    def pair_grads(row: _RowChunk, r, k_c, v_t, j, masked):
+    def pair_grads(row: _RowChunk, r, k_c, v_t, kv_ids, j, masked):
         """dQ of chunk pair (``r``, ``j``), and its contributions dKᵀ = Qᵀ dS, dVᵀ = dOᵀ P
         and d_bias = dS."""
-        s = c.scores(row.q, k_c, row.bias, row.mask, r, j, masked, overlapping_rows=masked)
+        args = (row.bias, row.mask, row.q_ids, kv_ids)
+        s, tanh = c.scores(row.q, k_c, r, j, masked, *args, overlapping_rows=masked)
         p = backend.exp_shifted(s, row.lse)
-        ds = p * (xp.matmul(row.d_out, v_t) - row.delta)
-        dk_t = _sum_groups(xp, xp.matmul(row.q_t, ds))
-        dv_t = _sum_groups(xp, xp.matmul(row.d_out_t, p))
+        dp = c.dropped(xp.matmul(row.d_out, v_t), r, j)
+        ds = p * (dp - row.delta)
+        d_raw = ds if tanh is None else ds * (1.0 - tanh * tanh)  # through the soft cap
+        dk_t = _sum_groups(xp, xp.matmul(row.q_t, d_raw))
+        dv_t = _sum_groups(xp, xp.matmul(row.d_out_t, c.dropped(p, r, j)))
         db = None if row.bias is None else _sum_to(xp, ds, row.bias.shape)
-        return xp.matmul(ds, k_c), dk_t, dv_t, db
+        return xp.matmul(d_raw, k_c), dk_t, dv_t, db
 
-    def key_chunk(k_c, v_c, bias_k, mask_k, j, dq, db):
+    def key_chunk(k_c, v_c, bias_k, mask_k, kv_ids, j, dq, db):
         """dK and dV of key chunk ``j``; its contributions added to dQ and d_bias."""
         row_extras = (split(xp, bias_k, -2, schedule.rows), split(xp, mask_k, -2, schedule.rows))
         v_t = t(v_c)  # a chunk at a time: no transposed copy of all of v
@@ -239,7 +286,7 @@ def _backprop(c: _Context, dtypes, q, k, v, bias, mask, out, lse, d_out, d_lse):
             def body(r, carry, masked=band.masked):
                 dk_t, dv_t, dq, db = carry
                 row = _RowChunk(*(s.at(r) for s in (*rows, *row_extras)))
-                g_q, g_kt, g_vt, g_b = pair_grads(row, r, k_c, v_t, j, masked)
+                g_q, g_kt, g_vt, g_b = pair_grads(row, r, k_c, v_t, kv_ids, j, masked)
                 db = None if db is None else db_sum.add(db, r, g_b)
                 return dk_t + g_kt, dv_t + g_vt, dq_sum.add(dq, r, g_q), db
 
@@ -255,7 +302,7 @@ def _backprop(c: _Context, dtypes, q, k, v, bias, mask, out, lse, d_out, d_lse):
         return (dq, db), (dk, dv, None)
 
     by_keys = [split(xp, x, -2, schedule.keys) for x in (k, v)]
-    by_keys += [split(xp, x, -1, schedule.keys) for x in (bias, mask)]
+    by_keys += [split(xp, x, -1, schedule.keys) for x in (bias, mask, c.kv_ids)]
     db = None if bias is None or bias_by_keys else db_sum.zeros(bias.shape)
     init = (dq_sum.zeros(q.shape), db)
     (dq, db), (dk, dv, db_by_keys) = scan_chunks(backend, step, init, by_keys, schedule.keys)
@@ -264,7 +311,11 @@ def _backprop(c: _Context, dtypes, q, k, v, bias, mask, out, lse, d_out, d_lse):
         db = join(xp, db_by_keys, -1, schedule.keys)
     elif bias is not None:
         db = db_sum.value(db)
-    grads = (c.fold(dq_sum.value(dq)) * c.options.scale, dk, dv, c.fold(db))
+    d_sinks = None
+    if sinks is not None:  # d L / d sink = exp(sink - L), and out depends on L alone
+        per_row = c.fold(xp.exp(sinks - lse) * delta)  # [.., kv_heads, groups, q_len, 1]
+        d_sinks = _sum_to(xp, -xp.sum(per_row, axis=-2, keepdims=True), c.fold(sinks).shape)
+    grads = (c.fold(dq_sum.value(dq)) * c.options.scale, dk, dv, c.fold(db), d_sinks)
     return tuple(None if g is None else xp.astype(g, d) for g, d in zip(grads, dtypes, strict=True))
 
 
@@ -301,15 +352,19 @@ class _Context:
     head.
     """
 
-    def __init__(self, backend, q, k, q_lengths, k_lengths, options: Options):
+    def __init__(self, backend, ops: Operands, options: Options):
         self.backend, self.options = backend, options
         self.xp = xp = backend.namespace()
+        q, k = ops.q, ops.k
         self.device = backend.device(q)
         self.acc_dtype = xp.float64 if q.dtype == xp.float64 else xp.float32
         self.q_len, self.kv_len = q.shape[-2], k.shape[-2]
+        self.batch = tuple(q.shape[:-4])
         self.folded = self.q_len == 1 and q.shape[-3] > 1
-        self.q_lengths, self.k_lengths = q_lengths, k_lengths
+        self.q_lengths, self.k_lengths = ops.q_lengths, ops.k_lengths
+        self.q_ids, self.kv_ids = ops.q_ids, ops.kv_ids
         self.empty = 0 in q.shape[:-1] or self.kv_len == 0
+        live = not self.empty
         # The longest sequence bounds the loops (an empty batch has none: nothing runs).
         self.schedule = Schedule(
             xp,
@@ -321,10 +376,26 @@ class _Context:
             key_chunk=options.key_chunk_size,
             left=options.left,
             right=options.right,
-            q_max=None if q_lengths is None or self.empty else xp.max(q_lengths),
-            k_max=None if k_lengths is None or self.empty else xp.max(k_lengths),
+            q_max=xp.max(ops.q_lengths) if live and ops.q_lengths is not None else None,
+            k_max=xp.max(ops.k_lengths) if live and ops.k_lengths is not None else None,
+            q_ids=self._flat_ids(ops.q_ids) if live else None,
+            kv_ids=self._flat_ids(ops.kv_ids) if live else None,
             device=self.device,
         )
+        self.hash = self.row_seeds = None
+        if options.dropout_rate and live:
+            self.hash = Hash(xp, self.device)
+            kv_heads, groups = q.shape[-4], q.shape[-3]
+            batch_index = xp.arange(math.prod(self.batch), dtype=xp.int32, device=self.device)
+            heads = xp.arange(kv_heads * q.shape[-3], dtype=xp.int32, device=self.device)
+            heads = self.fold(xp.reshape(heads, (kv_heads, groups, 1, 1)))
+            seed = xp.reshape(ops.seed, (1,) * (len(self.batch) + 4))
+            self.row_seeds = self.hash.row_seeds(
+                seed, xp.reshape(batch_index, (*self.batch, 1, 1, 1, 1)), heads
+            )
+
+    def _flat_ids(self, ids):
+        return None if ids is None else self.xp.reshape(ids, (*self.batch, -1))
 
     def fold(self, x):
         """A row-axis operand with the groups axis folded into rows (decoding only)."""
@@ -344,39 +415,57 @@ class _Context:
         return operand if operand.chunks is None else Split(self.backend.chunks(operand.chunks))
 
     # -- scores ------------------------------------------------------------------------
-    def scores(self, q_c, k_c, bias_c, mask_c, r, j, masked, overlapping_rows=False):
-        """Scaled scores of row block ``r`` and key chunk ``j``, ``-inf`` where not attended.
+    def scores(self, q_c, k_c, r, j, masked, bias, mask, q_ids, kv_ids, overlapping_rows=False):
+        """Scores of row block ``r`` and key chunk ``j``, ``-inf`` where not attended; and
+        ``tanh(z / softcap)`` of the raw scores ``z`` (None without a soft cap).
 
         ``q_c`` is pre-scaled; ``k_c`` is a chunk of keys as they are (the product
         transposes it). ``masked=False`` leaves out the structural rules, for a pair that
-        the schedule shows every row sees whole; masks and lengths, which vary per batch,
-        still apply. ``overlapping_rows`` masks the last row block's overlap.
+        the schedule shows every row sees whole; masks, lengths and segment ids, which vary
+        per batch, still apply. ``overlapping_rows`` masks the last row block's overlap.
         """
         xp, o, schedule = self.xp, self.options, self.schedule
         s = self.backend.matmul_transposed(q_c, k_c)
-        if bias_c is not None:
-            s = s + bias_c
+        tanh = None
+        if o.softcap is not None:
+            tanh = xp.tanh(s * (1.0 / o.softcap))
+            s = tanh * o.softcap
+        if bias is not None:
+            s = s + bias
+        rules = [mask]
+        if q_ids is not None:
+            rules.append(xp.logical_and(q_ids == kv_ids, q_ids >= 0))
         needs_positions = schedule.needs_rules(masked, overlapping_rows) or any(
             x is not None for x in (o.bias_fn, o.mask_fn, self.q_lengths, self.k_lengths)
         )
-        if not needs_positions:
-            return s if mask_c is None else xp.where(mask_c, s, NEG_INF)
-        pos = schedule.positions(r, j, q_c.shape[-2], k_c.shape[-2])
-        # Callables see real query positions; folded rows get their heads' values.
-        fn_q = pos.query[:1, ...] if self.folded else pos.query
-        if o.bias_fn is not None:
-            s = s + self.lift(self.fold(o.bias_fn(fn_q, pos.key)))
-        rules = [mask_c, None if o.mask_fn is None else self.fold(o.mask_fn(fn_q, pos.key))]
-        rules += schedule.rules(pos, r, j, masked, overlapping_rows)
-        if self.k_lengths is not None:
-            rules.append(pos.key < self.k_lengths)
-        if self.q_lengths is not None:
-            rules.append(pos.query < self.q_lengths)
+        if needs_positions:
+            pos = schedule.positions(r, j, q_c.shape[-2], k_c.shape[-2])
+            # Callables see real query positions; folded rows get their heads' values.
+            fn_q = pos.query[:1, ...] if self.folded else pos.query
+            if o.bias_fn is not None:
+                s = s + self.lift(self.fold(o.bias_fn(fn_q, pos.key)))
+            if o.mask_fn is not None:
+                rules.append(self.fold(o.mask_fn(fn_q, pos.key)))
+            rules += schedule.rules(pos, r, j, masked, overlapping_rows)
+            if self.k_lengths is not None:
+                rules.append(pos.key < self.k_lengths)
+            if self.q_lengths is not None:
+                rules.append(pos.query < self.q_lengths)
         allowed = None
         for rule in rules:
             if rule is not None:
                 allowed = rule if allowed is None else xp.logical_and(allowed, rule)
-        return s if allowed is None else xp.where(allowed, s, NEG_INF)
+        return (s if allowed is None else xp.where(allowed, s, NEG_INF)), tanh
+
+    def dropped(self, x, r, j):
+        """``x`` (a block of row block ``r`` and key chunk ``j``) with dropout applied:
+        kept entries times ``1 / (1 - rate)``, the others 0."""
+        rate = self.options.dropout_rate
+        if not rate:
+            return x
+        pos = self.schedule.positions(r, j, x.shape[-2], x.shape[-1])
+        keep = self.hash.kept(self.row_seeds, pos.query, pos.key, threshold(rate))
+        return self.xp.where(keep, x * (1.0 / (1.0 - rate)), 0.0)
 
     # -- non-finite inputs -------------------------------------------------------------
     def all_finite(self, *arrays):

@@ -12,12 +12,20 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from . import _algorithm
-from ._arguments import canonical, canonical_arrays, from_canonical, lse_shape, parse
+from ._arguments import (
+    DIFFERENTIABLE,
+    canonical,
+    canonical_arrays,
+    from_canonical,
+    lse_shape,
+    parse,
+)
 from ._cache import memoized
 from .backends import Backend
 
 Layout = Literal["BTHD", "BHTD"]
 Backward = Literal["custom", "autodiff"]
+Causal = Literal[False, True, "bottom_right", "top_left"]
 
 
 def attention(
@@ -27,10 +35,15 @@ def attention(
     *,
     bias: Any = None,
     mask: Any = None,
-    causal: bool = False,
+    causal: Causal = False,
     window: tuple[int | None, int | None] | None = None,
     query_lengths: Any = None,
     key_lengths: Any = None,
+    segment_ids: Any = None,
+    sinks: Any = None,
+    softcap: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_seed: Any = None,
     scale: float | None = None,
     layout: Layout = "BTHD",
     query_chunk_size: int | None = None,
@@ -62,10 +75,11 @@ def attention(
     mask : bool array or callable, optional
         True where a query may attend a key; broadcastable like ``bias``, or a callable
         like ``bias``'s returning a bool array.
-    causal : bool
-        Query ``i`` attends key ``j`` iff ``j <= i + kv_len - q_len`` (aligned to the
-        bottom right, as FlashAttention; the usual mask when ``q_len == kv_len``).
-        Key chunks above the diagonal are skipped, so it costs about half.
+    causal : bool or {"bottom_right", "top_left"}
+        True or "bottom_right": query ``i`` attends key ``j`` iff ``j <= i + kv_len -
+        q_len`` (aligned to the bottom right, as FlashAttention and KV-cache decoding
+        need). "top_left": iff ``j <= i`` (torch's ``is_causal``). The two agree when
+        ``q_len == kv_len``. Key chunks above the diagonal are skipped: about half the cost.
     window : (left, right), optional
         Local attention: with ``i' = i + kv_len - q_len``, key ``j`` is attended iff
         ``i' - left <= j <= i' + right``; None on a side leaves it unbounded. Combines
@@ -75,6 +89,28 @@ def attention(
         index ``>= key_lengths`` are ignored; query rows at index ``>= query_lengths``
         are padding and give 0 (lse ``-inf``, zero gradient). Chunks past the longest
         length are skipped.
+    segment_ids : int array ``[*batch, length]`` or a pair of them, optional
+        Packed sequences: query ``i`` attends key ``j`` only if their ids are equal and
+        not negative (negative: padding). One array serves queries and keys alike
+        (self-attention, ``q_len == kv_len``); a pair ``(q_ids [*batch, q_len], kv_ids
+        [*batch, kv_len])`` serves cross-attention. Chunk pairs whose ids cannot match
+        are skipped. With ``causal=True`` it is causal attention within each document.
+        ``uniattn.segment_ids_from_cu_seqlens`` converts cumulative lengths.
+    sinks : float array broadcastable to ``[*batch, heads]``, optional
+        One extra logit per head in each row's softmax, with a zero value (attention
+        sinks, as gpt-oss): ``out_i = Σ_j exp(z_ij - L_i) v_j`` with ``L_i =
+        logaddexp(logsumexp_j z_ij, sink)``. Gets a gradient (``uniattn.vjp``: last).
+    softcap : float, optional
+        Soft-caps the scaled scores before the bias: ``softcap * tanh(z / softcap)``
+        (Gemma 2).
+    dropout_rate : float in [0, 1)
+        Drops each probability with this rate and scales the kept ones by ``1 / (1 -
+        rate)``; the logsumexp is unchanged. The mask is a hash of ``(dropout_seed,
+        batch index, head, i, j)`` (``uniattn.reference.dropout_keep``): the same on every
+        backend, for any chunk sizes and either layout.
+    dropout_seed : int or 0-d integer array
+        Required with ``dropout_rate > 0``; its low 32 bits are used. An array seed is
+        data: under ``jax.jit`` a new seed does not recompile.
     scale : float, optional
         Multiplies the scores; default ``1 / sqrt(d_k)``.
     layout : {"BTHD", "BHTD"}
@@ -93,8 +129,9 @@ def attention(
         use it for forward-mode (``jax.jvp``) and higher-order derivatives.
     return_lse : bool
         Also return the logsumexp of each row's scores, shaped ``[*batch, heads, q_len]``,
-        float32 (float64 for float64 inputs), ``-inf`` for rows that attend no key.
-        Gradients flow through it too, so partial attentions can be merged.
+        float32 (float64 for float64 inputs), ``-inf`` for rows that attend no key (the
+        sink's logit with sinks). Gradients flow through it too, so partial attentions
+        can be merged.
 
     Returns
     -------
@@ -141,8 +178,8 @@ def vjp(query: Any, key: Any, value: Any, **keywords: Any) -> tuple[Any, Callabl
     """Attention output and a function of the output cotangent returning the gradients.
 
     Takes the arguments of :func:`attention`. ``vjp_fn(d_out)`` returns ``(dq, dk, dv)``,
-    plus ``d_bias`` when ``bias`` is an array (not a callable), each shaped and typed like
-    its input. With ``return_lse=True`` the output is ``(out, lse)`` and ``vjp_fn`` takes
+    then ``d_bias`` when ``bias`` is an array (not a callable), then ``d_sinks`` when
+    ``sinks`` are given, each shaped and typed like its input. With ``return_lse=True`` the output is ``(out, lse)`` and ``vjp_fn`` takes
     ``(d_out, d_lse)``. With ``backward="custom"`` (default) the gradients come from
     uniattn's own backward on every backend, NumPy included; with "autodiff" from the
     framework's autodiff (not NumPy).
@@ -164,15 +201,14 @@ def vjp(query: Any, key: Any, value: Any, **keywords: Any) -> tuple[Any, Callabl
                 f"backward='autodiff' needs a framework with autodiff; "
                 f"{backend.name} has none: use backward='custom'"
             )
-        bias = keywords["bias"]
-        bias_is_array = call.present[0]
-        primals = (query, key, value, bias) if bias_is_array else (query, key, value)
-        others = {n: v for n, v in keywords.items() if n != "bias"}
+        # The differentiable operands given as arrays are primals, after q, k and v.
+        names = [n for n in DIFFERENTIABLE if getattr(call.arrays, n) is not None]
+        others = {n: v for n, v in keywords.items() if n not in names}
 
-        def fn(q, k, v, b=bias):
-            return attention(q, k, v, bias=b, **others)
+        def fn(q, k, v, *extra):
+            return attention(q, k, v, **dict(zip(names, extra, strict=True)), **others)
 
-        return backend.vjp(fn, *primals)
+        return backend.vjp(fn, query, key, value, *(keywords[n] for n in names))
     with backend.device_scope(call.arrays[0]):
         out, lse = _staged_forward(backend, call.options, call.layout, False)(*call.arrays)
         result = call.result(out, lse)
@@ -183,7 +219,7 @@ def vjp(query: Any, key: Any, value: Any, **keywords: Any) -> tuple[Any, Callabl
         staged = _staged_backward(backend, call.options, call.layout)
         with backend.device_scope(call.arrays[0]):
             grads = staged(*call.arrays, out, lse, d_out, d_lse)
-        return tuple(g for g in grads if g is not None)  # d_bias only for an array bias
+        return tuple(g for g in grads if g is not None)  # d_bias, d_sinks where given
 
     return result, vjp_fn
 
@@ -198,13 +234,14 @@ vjp.__signature__ = inspect.signature(attention).replace(  # type: ignore[attr-d
 # array, which for a decoding step is the whole cache.
 @memoized(maxsize=256)
 def _staged_forward(backend: Backend, options: _algorithm.Options, layout: str, remat: bool):
-    """``(q, k, v, bias, mask, q_lengths, k_lengths) -> (out, lse)``: the user's arrays,
-    the output in the user's layout (in the accumulation dtype) and its logsumexp."""
+    """``(*operands) -> (out, lse)``: the user's arrays (:class:`~uniattn._algorithm.Operands`
+    order), the output in the user's layout (in the accumulation dtype) and its logsumexp."""
 
-    def forward(q, k, v, *others):
+    def forward(*arrays):
         xp = backend.namespace()
-        arrays = canonical_arrays(xp, layout, q, k, v, *others)
-        out, lse = _algorithm.forward(backend, *arrays, options=options, remat=remat)
+        ops = canonical_arrays(xp, layout, _algorithm.Operands(*arrays))
+        out, lse = _algorithm.forward(backend, ops, options=options, remat=remat)
+        q = arrays[0]
         heads = q.shape[-2] if layout == "BTHD" else q.shape[-3]
         return from_canonical(xp, layout, out, heads), xp.reshape(lse, lse_shape(q, layout))
 
@@ -213,25 +250,28 @@ def _staged_forward(backend: Backend, options: _algorithm.Options, layout: str, 
 
 @memoized(maxsize=256)
 def _staged_backward(backend: Backend, options: _algorithm.Options, layout: str):
-    """``(q, k, v, bias, mask, q_lengths, k_lengths, out, lse, d_out, d_lse) -> (dq, dk,
-    dv, d_bias)``, all in the user's layout (``d_bias`` None without an array bias)."""
+    """``(*operands, out, lse, d_out, d_lse) -> (dq, dk, dv, d_bias, d_sinks)``, all in the
+    user's layout (``d_bias``, ``d_sinks`` None without a bias array or sinks)."""
 
-    def backward(q, k, v, bias, mask, q_lengths, k_lengths, out, lse, d_out, d_lse):
+    def backward(*args):
+        *arrays, out, lse, d_out, d_lse = args
         xp = backend.namespace()
-        arrays = canonical_arrays(xp, layout, q, k, v, bias, mask, q_lengths, k_lengths)
+        user = _algorithm.Operands(*arrays)
+        ops = canonical_arrays(xp, layout, user)
         heads_axis = -2 if layout == "BTHD" else -3
-        heads, kv_heads = q.shape[heads_axis], k.shape[heads_axis]
-        groups, lse_rows = heads // kv_heads, arrays[0].shape[:-1]
+        heads, kv_heads = user.q.shape[heads_axis], user.k.shape[heads_axis]
+        groups, lse_rows = heads // kv_heads, ops.q.shape[:-1]
         out, d_out = (canonical(xp, x, layout, kv_heads, groups) for x in (out, d_out))
         lse, d_lse = (None if x is None else xp.reshape(x, lse_rows) for x in (lse, d_lse))
-        dq, dk, dv, d_bias = _algorithm.backward(
-            backend, *arrays, out, lse, d_out, d_lse, options=options
+        dq, dk, dv, d_bias, d_sinks = _algorithm.backward(
+            backend, ops, out, lse, d_out, d_lse, options=options
         )
         return (
             from_canonical(xp, layout, dq, heads),
             from_canonical(xp, layout, dk, kv_heads),
             from_canonical(xp, layout, dv, kv_heads),
-            None if d_bias is None else xp.reshape(d_bias, tuple(bias.shape)),
+            None if d_bias is None else xp.reshape(d_bias, tuple(user.bias.shape)),
+            None if d_sinks is None else xp.reshape(d_sinks, tuple(user.sinks.shape)),
         )
 
     return backend.stage(backward)
@@ -244,11 +284,13 @@ def _differentiable(
     """``f(q, k, v, *given) -> (out, lse)`` whose gradient is uniattn's backward,
     registered with the framework's custom-gradient hook (``Backend.custom_vjp``).
 
-    ``present`` says which of (bias, mask, q_lengths, k_lengths) are among ``given``. The
-    forward and backward it calls are staged each on its own, and shared with :func:`vjp`.
+    ``present`` says which optional operands (:class:`~uniattn._algorithm.Operands` after
+    q, k, v) are among ``given``. The forward and backward it calls are staged each on its
+    own, and shared with :func:`vjp`.
     """
     forward = _staged_forward(backend, options, layout, False)
     backward = _staged_backward(backend, options, layout)
+    optional = _algorithm.Operands._fields[3:]
 
     def all_arrays(args):
         q, k, v, *given = args
@@ -261,8 +303,9 @@ def _differentiable(
 
     def bwd(residuals, cotangents):
         args, out, lse = residuals
-        dq, dk, dv, db = backward(*all_arrays(args), out, lse, *cotangents)
-        others = (db,) * present[0] + (None,) * sum(present[1:])  # no gradient: mask, lengths
+        dq, dk, dv, d_bias, d_sinks = backward(*all_arrays(args), out, lse, *cotangents)
+        grads = {"bias": d_bias, "sinks": d_sinks}  # no gradient: masks, lengths, ids, seed
+        others = (grads.get(n) for n, p in zip(optional, present, strict=True) if p)
         return (dq, dk, dv, *others)
 
     return backend.custom_vjp(fwd, bwd)

@@ -13,12 +13,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._algorithm import Options
+from ._algorithm import Operands, Options
 from ._dispatch import backend_of, type_name
 from .backends import FLOAT_DTYPES, Backend
 
 LAYOUTS = ("BTHD", "BHTD")
 BACKWARD_MODES = ("custom", "autodiff")
+CAUSAL = (False, True, "bottom_right", "top_left")
+#: The operands that get gradients, besides query, key and value.
+DIFFERENTIABLE = ("bias", "sinks")
 
 
 @dataclass(frozen=True)
@@ -26,15 +29,14 @@ class Call:
     """A validated call: the backend, the user's arrays and the static options."""
 
     backend: Backend
-    # q, k, v, bias, mask, query_lengths, key_lengths as given (bias/mask None if callable)
-    arrays: tuple
+    arrays: Operands  # in the user's layout; None where absent (bias, mask: or callable)
     options: Options
     layout: str
     return_lse: bool
 
     @property
     def present(self) -> tuple[bool, ...]:
-        """Whether each of bias, mask, query_lengths, key_lengths is given as an array."""
+        """Whether each optional operand (after q, k, v) is given as an array."""
         return tuple(x is not None for x in self.arrays[3:])
 
     @property
@@ -70,34 +72,33 @@ class Call:
 
 def parse(query, key, value, keywords: Mapping[str, Any]) -> Call:
     """Check a call's arguments (``keywords``: every keyword of ``uniattn.attention``)."""
-    bias, mask = keywords["bias"], keywords["mask"]
-    causal, window = keywords["causal"], keywords["window"]
-    query_lengths, key_lengths = keywords["query_lengths"], keywords["key_lengths"]
-    scale, layout = keywords["scale"], keywords["layout"]
-    query_chunk_size, key_chunk_size = keywords["query_chunk_size"], keywords["key_chunk_size"]
-    backward, return_lse = keywords["backward"], keywords["return_lse"]
-    arrays = dict(query=query, key=key, value=value, bias=bias, mask=mask)
-    arrays.update(query_lengths=query_lengths, key_lengths=key_lengths)
-    backend = backend_of(**{n: x for n, x in arrays.items() if not callable(x)})
-    query, key, value = (backend.prepare(x) for x in (query, key, value))
-    bias, mask, query_lengths, key_lengths = (
-        x if x is None or callable(x) else backend.prepare(x)
-        for x in (bias, mask, query_lengths, key_lengths)
-    )
+    k = keywords
+    bias, mask, segment_ids = k["bias"], k["mask"], k["segment_ids"]
+    q_ids, kv_ids = _segment_pair(segment_ids)
+    named = dict(query=query, key=key, value=value, bias=bias, mask=mask)
+    named.update(query_lengths=k["query_lengths"], key_lengths=k["key_lengths"])
+    named.update(q_segment_ids=q_ids, kv_segment_ids=kv_ids, sinks=k["sinks"])
+    seed = k["dropout_seed"]
+    if not isinstance(seed, numbers.Integral):
+        named["dropout_seed"] = seed
+    backend = backend_of(**{n: x for n, x in named.items() if not callable(x)})
+    named = {n: x if x is None or callable(x) else backend.prepare(x) for n, x in named.items()}
+    query, key, value = named["query"], named["key"], named["value"]
 
+    layout, backward = k["layout"], k["backward"]
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
     if backward not in BACKWARD_MODES:
         raise ValueError(f"backward must be one of {BACKWARD_MODES}; got {backward!r}")
-    for name, flag in (("causal", causal), ("return_lse", return_lse)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool; got {type_name(flag)}")
-    left, right = _check_window(window)
-    if causal:
-        right = 0 if right is None else min(right, 0)
-    scale = _check_scale(scale)
-    q_chunk = _check_chunk("query_chunk_size", query_chunk_size)
-    k_chunk = _check_chunk("key_chunk_size", key_chunk_size)
+    causal = _check_causal(k["causal"])
+    if not isinstance(k["return_lse"], bool):
+        raise TypeError(f"return_lse must be a bool; got {type_name(k['return_lse'])}")
+    left, right = _check_window(k["window"])
+    scale = _check_scale(k["scale"])
+    softcap = _check_softcap(k["softcap"])
+    dropout_rate = _check_dropout(k["dropout_rate"], seed, backend)
+    q_chunk = _check_chunk("query_chunk_size", k["query_chunk_size"])
+    k_chunk = _check_chunk("key_chunk_size", k["key_chunk_size"])
 
     q_shape, k_shape, v_shape = (
         _static_shape(n, x) for n, x in (("query", query), ("key", key), ("value", value))
@@ -143,22 +144,38 @@ def parse(query, key, value, keywords: Mapping[str, Any]) -> Call:
             f"the number of query heads must be a multiple of the number of key/value heads; "
             f"query has {heads} heads (shape {q_shape}), key has {kv_heads} (shape {k_shape})"
         )
+    if causal == "top_left":  # j <= i is j <= i' - (kv_len - q_len)
+        shift = q_len - kv_len
+        right = shift if right is None else min(right, shift)
+    elif causal:
+        right = 0 if right is None else min(right, 0)
 
     default_q_chunk, default_k_chunk = backend.chunk_sizes(backend.device(query), q_len == 1)
     q_chunk = default_q_chunk if q_chunk is None else q_chunk
     k_chunk = default_k_chunk if k_chunk is None else k_chunk
     target = (*batch, heads, q_len, kv_len)
     functions = {}
-    for name, x in (("bias", bias), ("mask", mask)):
+    for name in ("bias", "mask"):
+        x = named[name]
         if callable(x):
             functions[name] = _ChunkFunction(name, x, backend, batch, heads, kv_heads)
+            named[name] = None
         elif x is not None:
             _check_score_dtype(name, backend, x)
             _check_broadcastable(name, x, target)
-    for name, x in (("query_lengths", query_lengths), ("key_lengths", key_lengths)):
-        _check_lengths(name, x, batch, backend)
-    arrays = (query, key, value, *(None if callable(x) else x for x in (bias, mask)))
-    arrays += (query_lengths, key_lengths)
+    for name in ("query_lengths", "key_lengths"):
+        _check_lengths(name, named[name], batch, backend)
+    _check_segment_ids(named, segment_ids, batch, q_len, kv_len, backend)
+    _check_sinks(named["sinks"], batch, heads, backend)
+    seed = named.get("dropout_seed", seed)
+    if dropout_rate:
+        seed = _seed_array(backend, seed, query)
+    arrays = Operands(
+        *(named[n] for n in ("query", "key", "value", "bias", "mask")),
+        *(named[n] for n in ("query_lengths", "key_lengths", "q_segment_ids", "kv_segment_ids")),
+        named["sinks"],
+        seed if dropout_rate else None,
+    )
     options = Options(
         scale=(1.0 / math.sqrt(d_k) if d_k else 1.0) if scale is None else scale,
         query_chunk_size=q_chunk,
@@ -167,8 +184,118 @@ def parse(query, key, value, keywords: Mapping[str, Any]) -> Call:
         right=right,
         bias_fn=functions.get("bias"),
         mask_fn=functions.get("mask"),
+        softcap=softcap,
+        dropout_rate=dropout_rate,
     )
-    return Call(backend, arrays, options, layout, return_lse)
+    return Call(backend, arrays, options, layout, k["return_lse"])
+
+
+def _segment_pair(segment_ids):
+    """``(q_ids, kv_ids)`` of a ``segment_ids`` argument (one array: both)."""
+    if segment_ids is None:
+        return None, None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2 or any(x is None for x in segment_ids):
+            raise ValueError(
+                "segment_ids must be an int array [*batch, length] or a pair (q_segment_ids, "
+                f"kv_segment_ids); got a {type(segment_ids).__name__} of {len(segment_ids)}"
+            )
+        return tuple(segment_ids)
+    return segment_ids, segment_ids
+
+
+def _check_segment_ids(named, segment_ids, batch, q_len, kv_len, backend):
+    """Integer ids ``[*batch, q_len]`` and ``[*batch, kv_len]``."""
+    pair = isinstance(segment_ids, (tuple, list))
+    for name, length in (("q_segment_ids", q_len), ("kv_segment_ids", kv_len)):
+        x = named[name]
+        if x is None:
+            continue
+        what = f"segment_ids[{0 if name.startswith('q') else 1}]" if pair else "segment_ids"
+        dtype = backend.dtype_name(x)
+        if not dtype.startswith(("int", "uint")):
+            raise TypeError(f"{what} must be an integer array; got dtype {dtype}")
+        shape = _static_shape(what, x)
+        if shape != (*batch, length):
+            role = "query" if name.startswith("q") else "key"
+            hint = "" if pair else " (one array is for self-attention: q_len == kv_len)"
+            raise ValueError(
+                f"{what} must have shape [*batch, {role} length] = {(*batch, length)}{hint}; "
+                f"got {shape}"
+            )
+
+
+def _check_sinks(x, batch, heads, backend):
+    """A float array broadcastable to ``[*batch, heads]``."""
+    if x is None:
+        return
+    _check_float("sinks", backend, x)
+    shape, target = _static_shape("sinks", x), (*batch, heads)
+    broadcastable = len(shape) <= len(target) and all(
+        s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False)
+    )
+    if not broadcastable:
+        raise ValueError(
+            f"sinks must be broadcastable to [*batch, heads] = {target}; got shape {shape}"
+        )
+
+
+def _check_causal(causal):
+    if isinstance(causal, bool) or causal in ("bottom_right", "top_left"):
+        return causal
+    if isinstance(causal, str):
+        raise ValueError(f"causal must be a bool, 'bottom_right' or 'top_left'; got {causal!r}")
+    raise TypeError(f"causal must be a bool, 'bottom_right' or 'top_left'; got {type_name(causal)}")
+
+
+def _check_softcap(softcap):
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a real number > 0 or None; got {type_name(softcap)}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a finite number > 0 or None; got {softcap}")
+    return float(softcap)
+
+
+def _check_dropout(rate, seed, backend) -> float:
+    """The dropout rate, in [0, 1), with a seed where it is not 0."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+        raise TypeError(f"dropout_rate must be a real number in [0, 1); got {type_name(rate)}")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1); got {rate}")
+    if seed is None:
+        if rate:
+            raise ValueError(
+                f"dropout_rate = {rate} needs a dropout_seed (a Python int or a 0-d integer "
+                "array); got None"
+            )
+        return float(rate)
+    if isinstance(seed, bool) or not (
+        isinstance(seed, numbers.Integral) or backend.is_array_type(type(seed))
+    ):
+        raise TypeError(
+            f"dropout_seed must be a Python int or a 0-d integer array; got {type_name(seed)}"
+        )
+    if not isinstance(seed, numbers.Integral):
+        dtype = backend.dtype_name(seed)
+        if not dtype.startswith(("int", "uint")) or tuple(seed.shape) != ():
+            raise TypeError(
+                "dropout_seed must be a Python int or a 0-d integer array; got an array of "
+                f"dtype {dtype} and shape {tuple(seed.shape)}"
+            )
+    return float(rate)
+
+
+def _seed_array(backend, seed, like):
+    """The seed's low 32 bits as a 0-d int32 array (two's complement) on ``like``'s device."""
+    xp = backend.namespace()
+    if isinstance(seed, numbers.Integral):
+        low = int(seed) % 2**32
+        return xp.asarray(
+            low - 2**32 if low >= 2**31 else low, dtype=xp.int32, device=backend.device(like)
+        )
+    return xp.astype(seed, xp.int32)
 
 
 @dataclass(frozen=True)
@@ -200,18 +327,33 @@ class _ChunkFunction:
         return _canonical_score_operand(xp, x, target, self.kv_heads, groups)
 
 
-def canonical_arrays(xp, layout, q, k, v, bias, mask, q_lengths, k_lengths) -> tuple:
+def canonical_arrays(xp, layout, arrays: Operands) -> Operands:
     """The checked arrays of a call in :mod:`uniattn._algorithm`'s layout."""
+    q, k = arrays.q, arrays.k
     q_len, heads, _ = _unpack(q.shape, layout)
     kv_len, kv_heads, _ = _unpack(k.shape, layout)
     batch, groups = tuple(q.shape[:-3]), heads // kv_heads
     target = (*batch, heads, q_len, kv_len)
-    return (
+
+    def ids(x, axis):
+        if x is None:
+            return None
+        return xp.reshape(xp.astype(x, xp.int32), (*batch, 1, 1, *((-1, 1) if axis else (1, -1))))
+
+    sinks = arrays.sinks
+    if sinks is not None:
+        sinks = xp.reshape(sinks, (1,) * (len(batch) + 1 - sinks.ndim) + tuple(sinks.shape))
+        sinks = _canonical_score_operand(xp, sinks[..., None, None], target, kv_heads, groups)
+    return Operands(
         canonical(xp, q, layout, kv_heads, groups),
         canonical(xp, k, layout, kv_heads, 1),
-        canonical(xp, v, layout, kv_heads, 1),
-        *(_canonical_score_operand(xp, x, target, kv_heads, groups) for x in (bias, mask)),
-        *(_canonical_lengths(xp, x, batch) for x in (q_lengths, k_lengths)),
+        canonical(xp, arrays.v, layout, kv_heads, 1),
+        *(_canonical_score_operand(xp, x, target, kv_heads, groups) for x in arrays[3:5]),
+        *(_canonical_lengths(xp, x, batch) for x in arrays[5:7]),
+        ids(arrays.q_ids, True),
+        ids(arrays.kv_ids, False),
+        sinks,
+        arrays.seed,
     )
 
 

@@ -14,6 +14,11 @@ visits chunk pairs in two nested loops. This module says how:
   which need no structural mask. Chunks outside every band are never computed. Bounds are
   Python ints where they are static and 0-d int arrays where they depend on a traced loop
   index or on the lengths.
+- **Segments**. With segment ids (packed sequences), a chunk pair whose ranges of valid
+  ids are disjoint in every batch element is skipped too: the bands are narrowed to the
+  chunks between the first and the last one whose ids overlap. For ids that do not
+  decrease along the sequence (packed documents) that is exactly the chunks that share a
+  document; for any ids it is correct, since the segment rule masks the rest.
 - **Positions and structural rules** (:meth:`Schedule.positions`, :meth:`Schedule.rules`):
   the absolute positions of a chunk pair and the boolean rules (window, overlaps) that the
   bands say it needs.
@@ -165,6 +170,8 @@ class Schedule:
         The window (None: unbounded on that side).
     q_max, k_max : 0-d int array or None
         The longest valid query and key length of the batch: later chunks are skipped.
+    q_ids, kv_ids : int array ``[*batch, q_len]`` and ``[*batch, kv_len]``, or None
+        Segment ids (negative: padding), for skipping chunk pairs with disjoint ids.
     """
 
     def __init__(
@@ -181,6 +188,8 @@ class Schedule:
         right: int | None,
         q_max=None,
         k_max=None,
+        q_ids=None,
+        kv_ids=None,
         device=None,
     ):
         self.xp, self.device = xp, device
@@ -192,6 +201,30 @@ class Schedule:
         self.rows = Axis(rows, min(row_chunk, max(rows, 1)), xp)
         self.keys = Axis(kv_len, min(key_chunk, max(kv_len, 1)), xp)
         self.q_max, self.k_max = q_max, k_max
+        self.segments = None if q_ids is None else self._segment_bounds(q_ids, kv_ids)
+
+    def _segment_bounds(self, q_ids, kv_ids) -> _SegmentBounds:
+        """Per row block, the key chunks from the first to the last whose valid ids overlap
+        the block's; per key chunk, the row blocks likewise."""
+        xp = self.xp
+        query_blocks = Axis(1, 1, xp) if self.folded else Axis(self.q_len, self.rows.size, xp)
+        q_low, q_high = _id_ranges(xp, q_ids, query_blocks)  # [R, *batch]
+        k_low, k_high = _id_ranges(xp, kv_ids, self.keys)  # [J, *batch]
+        overlap = xp.logical_and(
+            xp.expand_dims(k_high, axis=0) >= xp.expand_dims(q_low, axis=1),
+            xp.expand_dims(k_low, axis=0) <= xp.expand_dims(q_high, axis=1),
+        )  # [R, J, *batch]
+        if overlap.ndim > 2:
+            overlap = xp.any(overlap, axis=tuple(range(2, overlap.ndim)))
+        key_first, key_stop = _first_and_stop(xp, overlap)
+        row_first, row_stop = _first_and_stop(xp, xp.permute_dims(overlap, (1, 0)))
+        return _SegmentBounds(key_first, key_stop, row_first, row_stop)
+
+    def _narrowed(self, first, stop, bounds, index):
+        """``first:stop`` within the segment bounds ``bounds[index]`` (first, stop)."""
+        xp = self.xp
+        first = maximum(xp, first, bounds[0][index])
+        return first, maximum(xp, minimum(xp, stop, bounds[1][index]), first)
 
     # -- positions and rules ---------------------------------------------------------
     def positions(self, r_index, k_index, n_rows: int, n_keys: int) -> Positions:
@@ -249,6 +282,8 @@ class Schedule:
         stop = maximum(xp, first, (hi + keys.size) // keys.size)  # empty when hi < lo
         if self.q_max is not None:
             stop = select(xp, p_first < self.q_max, stop, first)
+        if self.segments is not None:
+            first, stop = self._narrowed(first, stop, self.segments[:2], r_index)
         trips = keys.count
         if left is not None and right is not None:
             width = 0 if self.folded else self.rows.size - 1
@@ -283,6 +318,8 @@ class Schedule:
             stop = maximum(xp, first, (hi + rows.size) // rows.size)
         if self.k_max is not None:
             stop = select(xp, k_first < self.k_max, stop, first)
+        if self.segments is not None:
+            first, stop = self._narrowed(first, stop, self.segments[2:], k_index)
         trips = rows.count
         if left is not None and right is not None and not self.folded:
             trips = min(trips, (self.keys.size - 1 + left + right) // rows.size + 2)
@@ -302,6 +339,41 @@ class Schedule:
         # The overlapping last key chunk has no middle: its tail is all of its rows.
         tail_trips = trips if self.keys.overlaps else edge_trips
         return bands(xp, first, stop, whole_first, whole_stop, trips, (edge_trips, tail_trips))
+
+
+class _SegmentBounds(NamedTuple):
+    """First and stop (exclusive) key chunk per row block, and row block per key chunk,
+    as int32 arrays ``[R]`` and ``[J]``."""
+
+    key_first: Any
+    key_stop: Any
+    row_first: Any
+    row_stop: Any
+
+
+_NO_ID = 2**31 - 1  # above every valid id
+
+
+def _id_ranges(xp, ids, cut: Axis):
+    """The smallest and largest valid (non-negative) id of each chunk of ``ids [*batch,
+    length]`` along its last axis, ``[count, *batch]``; an all-padding chunk gets an empty
+    range (``_NO_ID``, -1)."""
+    chunks = split(xp, ids, -1, cut).chunks
+    valid = chunks >= 0
+    low = xp.min(xp.where(valid, chunks, _NO_ID), axis=-1)
+    high = xp.max(xp.where(valid, chunks, -1), axis=-1)
+    return low, high
+
+
+def _first_and_stop(xp, overlap):
+    """For each row of a bool ``[A, B]``, the first True column and one past the last
+    (both 0 where a row has none), int32."""
+    count = overlap.shape[-1]
+    as_int = xp.astype(overlap, xp.int32)
+    seen = xp.any(overlap, axis=-1)
+    first = xp.astype(xp.argmax(as_int, axis=-1), xp.int32)
+    stop = count - xp.astype(xp.argmax(xp.flip(as_int, axis=-1), axis=-1), xp.int32)
+    return xp.where(seen, first, 0), xp.where(seen, stop, 0)
 
 
 def bands(xp, first, stop, whole_first, whole_stop, trips, edge_trips) -> list[Band]:

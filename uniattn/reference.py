@@ -6,6 +6,9 @@ heads. Gradients are the analytic ones, in float64.
 
 Non-finite inputs follow uniattn's rule: a NaN or inf in a query, key or value turns NaN
 exactly the output rows that attend it; the gradients treat those rows as constants.
+
+:func:`dropout_keep` is the statement of uniattn's dropout mask: a 32-bit integer hash of
+the seed, the flattened batch index, the query head and the query and key positions.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class Gradients:
     dk: np.ndarray
     dv: np.ndarray
     d_bias: np.ndarray | None
+    d_sinks: np.ndarray | None = None
 
 
 def attention(
@@ -37,6 +41,11 @@ def attention(
     window=None,
     query_lengths=None,
     key_lengths=None,
+    segment_ids=None,
+    sinks=None,
+    softcap=None,
+    dropout_rate=0.0,
+    dropout_seed=None,
     scale=None,
     layout="BTHD",
     return_lse=False,
@@ -46,8 +55,9 @@ def attention(
     Takes :func:`uniattn.attention`'s semantic arguments; a callable ``bias`` or ``mask``
     is called once with every position (NumPy int arrays ``[q_len, 1]``, ``[1, kv_len]``).
     """
-    rules = _Rules(bias, mask, causal, window, query_lengths, key_lengths)
-    out, _probs, lse = _forward(query, key, value, rules, scale, layout)
+    rules = _Rules(bias, mask, causal, window, query_lengths, key_lengths, segment_ids, softcap)
+    dropout = _Dropout(dropout_rate, dropout_seed)
+    out, _probs, lse, _t = _forward(query, key, value, rules, scale, layout, sinks, dropout)
     out = _from_bhtd(out, layout)
     return (out, lse) if return_lse else out
 
@@ -64,15 +74,21 @@ def vjp(
     window=None,
     query_lengths=None,
     key_lengths=None,
+    segment_ids=None,
+    sinks=None,
+    softcap=None,
+    dropout_rate=0.0,
+    dropout_seed=None,
     scale=None,
     layout="BTHD",
 ) -> Gradients:
     """Reference gradients of ``sum(attention(...) * d_out)``, in float64 (``d_bias`` only
-    for an array ``bias``)."""
+    for an array ``bias``, ``d_sinks`` only with ``sinks``)."""
     q, k, v, groups = _to_bhtd(query, key, value, layout)
     s_scale = _scale(scale, q.shape[-1])
-    rules = _Rules(bias, mask, causal, window, query_lengths, key_lengths)
-    out, p, _ = _forward(query, key, value, rules, scale, layout)
+    rules = _Rules(bias, mask, causal, window, query_lengths, key_lengths, segment_ids, softcap)
+    dropout = _Dropout(dropout_rate, dropout_seed)
+    out, p, lse, t = _forward(query, key, value, rules, scale, layout, sinks, dropout)
     # Rows that attend a non-finite input (NaN output) are constants: they contribute 0.
     affected = np.any(np.isnan(out), axis=-1, keepdims=True)
     p = np.where(affected, 0.0, p)
@@ -80,28 +96,103 @@ def vjp(
     d_o = _from_bhtd(np.asarray(d_out, np.float64), layout)  # the swap is its own inverse
     d_o = np.where(affected, 0.0, d_o)
     k_rep, v_rep = np.repeat(k, groups, axis=-3), np.repeat(v, groups, axis=-3)
-    dv = _sum_groups(np.swapaxes(p, -1, -2) @ d_o, groups)
-    dp = d_o @ np.swapaxes(v_rep, -1, -2)
-    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))  # softmax backward
-    dq = s_scale * ds @ k_rep
-    dk = _sum_groups(s_scale * np.swapaxes(ds, -1, -2) @ q, groups)
+    kept = dropout.scaled_keep(p.shape)
+    dv = _sum_groups(np.swapaxes(p * kept, -1, -2) @ d_o, groups)
+    dp = (d_o @ np.swapaxes(v_rep, -1, -2)) * kept
+    delta = np.sum(dp * p, axis=-1, keepdims=True)
+    ds = p * (dp - delta)  # softmax backward (the sink's value is 0)
+    d_raw = ds if t is None else ds * (1.0 - t * t)  # through softcap's tanh
+    dq = s_scale * d_raw @ k_rep
+    dk = _sum_groups(s_scale * np.swapaxes(d_raw, -1, -2) @ q, groups)
     d_bias = None if bias is None or callable(bias) else _reduce_to(ds, np.shape(bias))
-    return Gradients(*(_from_bhtd(g, layout) for g in (dq, dk, dv)), d_bias)
+    d_sinks = None
+    if sinks is not None:
+        # d L / d sink = p_sink, and out depends on L alone: d sink = -sum_i p_sink Δ_i
+        p_sink = np.exp(_sink_logits(sinks, p.shape) - lse[..., None])
+        p_sink = np.where(affected | np.isnan(p_sink), 0.0, p_sink)
+        d_sinks = _reduce_to(-np.sum(p_sink * delta, axis=(-2, -1)), np.shape(sinks))
+    grads = (_from_bhtd(g, layout) for g in (dq, dk, dv))
+    return Gradients(*grads, d_bias, d_sinks)
+
+
+def dropout_keep(seed, rate: float, shape) -> np.ndarray:
+    """uniattn's dropout mask: True where a probability is kept, ``[*batch, heads, q_len,
+    kv_len]`` (``shape``).
+
+    With ``fmix(h)`` MurmurHash3's 32-bit finaliser and every operation on unsigned 32-bit
+    integers (products modulo 2**32, ``>>`` logical)::
+
+        row(b, h, i) = fmix(fmix(fmix(fmix(seed ^ 0x243F6A88) ^ b) ^ h) ^ i)
+        col(j)       = fmix(j ^ 0x85A308D3)
+        x            = (row ^ col) * 0x9E3779B1;  x ^= x >> 15
+        keep         = x >= ceil(rate * 2**32)
+
+    ``seed`` is taken modulo 2**32; ``b`` is the flattened index of the batch axes, ``h``
+    the query head, ``i`` and ``j`` the absolute query and key positions (bottom-right or
+    not, they are array indices). The mask depends on nothing else: not on chunk sizes,
+    layout or backend.
+    """
+    *batch, heads, q_len, kv_len = shape
+    u32 = np.uint32
+    b = np.arange(math.prod(batch), dtype=u32).reshape(*batch, 1, 1, 1)
+    h = np.arange(heads, dtype=u32).reshape(heads, 1, 1)
+    i = np.arange(q_len, dtype=u32).reshape(q_len, 1)
+    j = np.arange(kv_len, dtype=u32).reshape(1, kv_len)
+    with np.errstate(over="ignore"):
+        row = _fmix(u32(int(seed) % 2**32) ^ u32(0x243F6A88))
+        row = _fmix(_fmix(_fmix(row ^ b) ^ h) ^ i)
+        x = (row ^ _fmix(j ^ u32(0x85A308D3))) * u32(0x9E3779B1)
+        x ^= x >> u32(15)
+    return x >= math.ceil(rate * 2**32)
+
+
+def _fmix(h):
+    """MurmurHash3's 32-bit finaliser on uint32 arrays."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+@dataclass(frozen=True)
+class _Dropout:
+    rate: float
+    seed: object
+
+    def scaled_keep(self, shape):
+        """Kept entries' factor ``1 / (1 - rate)``, dropped ones 0 (1 everywhere at rate 0)."""
+        if not self.rate:
+            return np.ones((), np.float64)
+        return dropout_keep(self.seed, self.rate, shape) / (1.0 - self.rate)
+
+
+def _sink_logits(sinks, shape):
+    """Sinks ``[*batch, heads]`` (broadcastable) as ``[*batch, heads, 1, 1]`` float64."""
+    sinks = np.asarray(sinks, np.float64)
+    return np.broadcast_to(sinks, shape[:-2])[..., None, None]
 
 
 @dataclass(frozen=True)
 class _Rules:
     bias: object
     mask: object
-    causal: bool
+    causal: object
     window: tuple | None
     query_lengths: object
     key_lengths: object
+    segment_ids: object = None
+    softcap: float | None = None
 
     def apply(self, s):
-        """Scores ``s [*batch, heads, q_len, kv_len]`` with bias added; the allowed mask."""
+        """Scaled scores ``s [*batch, heads, q_len, kv_len]`` soft-capped, with the bias
+        added; the allowed mask; and the tanh of the soft cap (None without one)."""
         q_len, kv_len = s.shape[-2:]
         i, j = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+        t = None
+        if self.softcap is not None:
+            t = np.tanh(s / self.softcap)
+            s = self.softcap * t
         bias, mask = (f(i, j) if callable(f) else f for f in (self.bias, self.mask))
         if bias is not None:
             s = s + np.asarray(bias, np.float64)
@@ -109,7 +200,9 @@ class _Rules:
         if mask is not None:
             allowed &= np.asarray(mask, bool)
         diagonal = i + (kv_len - q_len)
-        if self.causal:
+        if self.causal == "top_left":
+            allowed &= j <= i
+        elif self.causal:
             allowed &= j <= diagonal
         left, right = self.window or (None, None)
         if left is not None:
@@ -121,29 +214,42 @@ class _Rules:
             allowed &= i < np.reshape(self.query_lengths, (*batch, 1, 1, 1))
         if self.key_lengths is not None:
             allowed &= j < np.reshape(self.key_lengths, (*batch, 1, 1, 1))
-        return s, allowed
+        if self.segment_ids is not None:
+            ids = self.segment_ids
+            q_ids, kv_ids = ids if isinstance(ids, (tuple, list)) else (ids, ids)
+            q_ids = np.asarray(q_ids).reshape(*batch, 1, q_len, 1)
+            kv_ids = np.asarray(kv_ids).reshape(*batch, 1, 1, kv_len)
+            allowed &= (q_ids == kv_ids) & (q_ids >= 0)
+        return s, allowed, t
 
 
-def _forward(query, key, value, rules, scale, layout):
+def _forward(query, key, value, rules, scale, layout, sinks=None, dropout=None):
     q, k, v, groups = _to_bhtd(query, key, value, layout)
     q, k, v, rows_ok, keys_ok = _isolated(q, k, v)
     k, v = np.repeat(k, groups, axis=-3), np.repeat(v, groups, axis=-3)
     keys_ok = np.swapaxes(np.repeat(keys_ok, groups, axis=-3), -1, -2)
     with np.errstate(invalid="ignore"):
-        s, allowed = rules.apply(_scale(scale, q.shape[-1]) * (q @ np.swapaxes(k, -1, -2)))
+        raw = _scale(scale, q.shape[-1]) * (q @ np.swapaxes(k, -1, -2))
+        s, allowed, t = rules.apply(raw)
     s = np.where(rows_ok & keys_ok, s, np.nan)
     s = np.where(allowed, s, -np.inf)
     m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
+    if sinks is not None:
+        sink = _sink_logits(sinks, s.shape)  # [*batch, heads, 1, 1]
+        m = np.maximum(m, np.where(np.isnan(m), m, sink))
     m = np.where(np.isneginf(m), 0.0, m)
     with np.errstate(invalid="ignore", over="ignore"):
         e = np.where(allowed, np.exp(s - m), 0.0)
         total = np.sum(e, axis=-1, keepdims=True)
+        if sinks is not None:
+            total = total + np.exp(sink - m)
         seen = total > 0
         p = e / np.where(seen, total, 1.0)
         with np.errstate(divide="ignore"):
             lse = np.where(seen | np.isnan(total), m + np.log(np.where(seen, total, 1.0)), -np.inf)
-        out = p @ v
-    return out, p, lse[..., 0]
+        kept = np.ones(()) if dropout is None else dropout.scaled_keep(p.shape)
+        out = (p * kept) @ v
+    return out, p, lse[..., 0], t
 
 
 def _isolated(q, k, v):

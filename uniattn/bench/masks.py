@@ -1,10 +1,12 @@
-"""``masks``: what skipping fully masked chunks saves.
+"""``masks``: what skipping fully masked chunks saves, and what dropout costs.
 
-float32, batch 1, 4 heads, d 64, medians of 5 interleaved repetitions: causal against
-full attention at n 8192, window (256, 0) against full at n 16384, forward and
-forward+backward (``backward="custom"``); and decoding one query against a 32768-long
-cache (32 heads on 8 kv heads, d 128) against the framework's plain attention.
-``--quick``: n 2048 / 4096 / 8192.
+float32, batch 1, 4 heads, d 64, medians of 5 interleaved repetitions, forward and
+forward+backward (``backward="custom"``), each against its baseline: causal against full
+attention at n 8192; window (256, 0) against full at n 16384; 8 documents of n / 8 packed
+(segment ids) and causal against whole-sequence causal at n 8192; dropout 0.1 against none
+at n 2048 (its "speed-up" is below 1: the cost); and decoding one query against a
+32768-long cache (32 heads on 8 kv heads, d 128) against the framework's plain attention.
+``--quick``: n 2048 / 4096 / 2048 / 1024 / 8192.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from uniattn.bench._common import Report, inputs
 
 def run(names, quick: bool = False, full: bool = False) -> Report:
     n_causal, n_window, n_cache = (2048, 4096, 8192) if quick else (8192, 16384, 32768)
-    settings = [
-        ("causal", n_causal, {"causal": True}),
-        ("window (256, 0)", n_window, {"window": (256, 0)}),
+    n_dropout = 1024 if quick else 2048
+    dropout = {"dropout_rate": 0.1, "dropout_seed": 0}
+    settings = [  # label, n, masked options, its baseline's options
+        ("causal", n_causal, {"causal": True}, {}),
+        ("window (256, 0)", n_window, {"window": (256, 0)}, {}),
+        ("packed 8 docs, causal (vs causal)", n_causal, {"causal": True, "documents": 8}, None),
+        ("dropout 0.1 (vs none)", n_dropout, dropout, {}),
     ]
     report = Report(
         "masks",
@@ -42,8 +48,8 @@ def run(names, quick: bool = False, full: bool = False) -> Report:
     for name in names:
         backend = harness(name)
         report.raw["backends"][name] = entry = {}
-        for label, n, kwargs in settings:
-            t = _masked_and_full_times(backend, n, kwargs)
+        for label, n, kwargs, baseline in settings:
+            t = _masked_and_full_times(backend, n, kwargs, baseline)
             entry[label] = {"n": n, "seconds": t}
             report.rows.append(
                 [
@@ -75,14 +81,22 @@ def run(names, quick: bool = False, full: bool = False) -> Report:
     return report
 
 
-def _masked_and_full_times(backend, n: int, kwargs: dict) -> dict:
-    """Forward and forward+backward medians with the mask ``kwargs`` and without; the
-    backward is uniattn's (``uniattn.vjp`` on NumPy)."""
+def _masked_and_full_times(backend, n: int, kwargs: dict, baseline: dict | None) -> dict:
+    """Forward and forward+backward medians with the options ``kwargs`` and with
+    ``baseline`` (None: ``kwargs`` without the packing); the backward is uniattn's
+    (``uniattn.vjp`` on NumPy). ``documents=D`` in ``kwargs`` packs D equal documents."""
     q, k, v, d_out = inputs(backend, n, heads=4)
-    masked_grad, full_grad = gradients(backend, **kwargs), gradients(backend)
+    kwargs = dict(kwargs)
+    documents = kwargs.pop("documents", None)
+    if baseline is None:
+        baseline = dict(kwargs)
+    if documents is not None:
+        ids = np.repeat(np.arange(documents, dtype=np.int32), n // documents)[None, :]
+        kwargs["segment_ids"] = backend.asarray(ids)
+    masked_grad, full_grad = gradients(backend, **kwargs), gradients(backend, **baseline)
     fns = {
         "masked": lambda: uniattn.attention(q, k, v, **kwargs),
-        "full": lambda: uniattn.attention(q, k, v),
+        "full": lambda: uniattn.attention(q, k, v, **baseline),
         "masked_grad": lambda: masked_grad(q, k, v, d_out),
         "full_grad": lambda: full_grad(q, k, v, d_out),
     }

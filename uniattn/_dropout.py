@@ -1,0 +1,80 @@
+"""The dropout mask as a counter-based hash, in array-API integer operations.
+
+Whether the probability of query ``i`` for key ``j`` (batch ``b``, query head ``h``) is kept
+depends on nothing but ``(seed, b, h, i, j)``, so any chunk of the mask is computed where it
+is used, the backward regenerates it, and every backend, chunk size and layout gives the
+same mask. :func:`uniattn.reference.dropout_keep` states the hash on unsigned 32-bit
+integers; here the same bits are computed on int32 (products wrap modulo 2**32 in two's
+complement, and ``>>`` is made logical by masking the sign's copies), because int32 is the
+integer type every framework computes with.
+"""
+
+from __future__ import annotations
+
+import math
+
+SEED_SALT = 0x243F6A88
+KEY_SALT = 0x85A308D3
+FINAL = 0x9E3779B1
+_FMIX = (0x85EBCA6B, 0xC2B2AE35)
+
+
+def _int32(value: int) -> int:
+    """An unsigned 32-bit constant as the int32 with the same bits."""
+    return value - 2**32 if value >= 2**31 else value
+
+
+class Hash:
+    """The dropout hash of one call: ``xp``, its device, and int32 constants."""
+
+    def __init__(self, xp, device):
+        self.xp = xp
+        self.const = {}
+        for name, value in (
+            ("seed_salt", SEED_SALT),
+            ("key_salt", KEY_SALT),
+            ("final", FINAL),
+            ("m1", _FMIX[0]),
+            ("m2", _FMIX[1]),
+            ("sign", 2**31),
+            *((f"shift{k}", k) for k in (13, 15, 16)),
+            *((f"low{k}", 2 ** (32 - k) - 1) for k in (13, 15, 16)),
+        ):
+            self.const[name] = xp.asarray(_int32(value), dtype=xp.int32, device=device)
+
+    def _shift(self, h, k: int):
+        """``h >> k`` as a logical shift of the 32 bits."""
+        xp, c = self.xp, self.const
+        return xp.bitwise_and(xp.bitwise_right_shift(h, c[f"shift{k}"]), c[f"low{k}"])
+
+    def fmix(self, h):
+        """MurmurHash3's 32-bit finaliser."""
+        xp, c = self.xp, self.const
+        h = xp.bitwise_xor(h, self._shift(h, 16)) * c["m1"]
+        h = xp.bitwise_xor(h, self._shift(h, 13)) * c["m2"]
+        return xp.bitwise_xor(h, self._shift(h, 16))
+
+    def row_seeds(self, seed, batch_index, head_index):
+        """``fmix(fmix(fmix(seed ^ salt) ^ b) ^ h)``, broadcast over the given indices."""
+        xp = self.xp
+        h = self.fmix(xp.bitwise_xor(seed, self.const["seed_salt"]))
+        return self.fmix(xp.bitwise_xor(self.fmix(xp.bitwise_xor(h, batch_index)), head_index))
+
+    def kept(self, row_seeds, query_positions, key_positions, threshold: int):
+        """Where a probability is kept: ``x >= threshold`` as unsigned, for ``x`` the hash
+        of each (row, key) pair; ``threshold`` is ``ceil(rate * 2**32)``."""
+        xp, c = self.xp, self.const
+        row = self.fmix(xp.bitwise_xor(row_seeds, query_positions))
+        col = self.fmix(xp.bitwise_xor(key_positions, c["key_salt"]))
+        x = xp.bitwise_xor(row, col) * c["final"]
+        x = xp.bitwise_xor(x, self._shift(x, 15))
+        if threshold >= 2**32:  # a rate within 2**-32 of 1 keeps nothing
+            return x != x
+        # Unsigned comparison in int32: flipping the sign bit maps [0, 2**32) onto int32
+        # in order.
+        return xp.bitwise_xor(x, c["sign"]) >= threshold - 2**31
+
+
+def threshold(rate: float) -> int:
+    """The smallest hash value kept at ``rate``: ``ceil(rate * 2**32)``."""
+    return math.ceil(rate * 2**32)
