@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import uniattn
+from uniattn import reference
 
 from .cases import CASES
 from .harness import prepare
@@ -102,6 +103,54 @@ def test_jax_vmap_lengths(backend):
 
     out = jax.vmap(one)(q, k, v, bias, p.arrays["query_lengths"], p.arrays["key_lengths"])
     np.testing.assert_allclose(np.asarray(out), p.reference_output(), atol=1e-5, rtol=1e-5)
+
+
+def test_jax_jit_takes_new_seeds_and_packings_without_recompiling(backend):
+    """The dropout seed and the segment ids are data: new values reuse the compiled call."""
+    if backend.name != "jax":
+        pytest.skip("jax.jit's cache is JAX's")
+    import jax
+
+    p = prepare(backend, CASES["everything"], "float32")
+    ids = p.arrays["q_segment_ids"]
+
+    @jax.jit
+    def call(seed, ids, *primals):
+        return p.call(*primals, dropout_seed=seed, segment_ids=ids)
+
+    outs = []
+    for seed, shift in [(1, 0), (2, 0), (2, 1)]:
+        moved = jax.numpy.where(ids >= 0, (ids + shift) % 3, -1)
+        outs.append(np.asarray(call(jax.numpy.int32(seed), moved, *p.primals())))
+    assert call._cache_size() == 1
+    assert not np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[1], outs[2])
+
+
+def test_jax_vmap_packed_sinks(backend):
+    """jax.vmap over the batch axis with segment ids, sinks and dropout."""
+    if backend.name != "jax":
+        pytest.skip("jax.vmap is JAX's")
+    import jax
+
+    case = CASES["packed-padding-gqa"].with_(sinks=(4,), dropout_rate=0.2, batch=(2,))
+    p = prepare(backend, case, "float32")
+    q, k, v, sinks = p.primals()
+
+    def one(q, k, v, ids):
+        return uniattn.attention(q, k, v, sinks=sinks, segment_ids=ids, **case.kwargs())
+
+    out = jax.vmap(one)(q, k, v, p.arrays["q_segment_ids"])
+    # vmap calls each batch element with batch index 0: dropout's batch index is 0 for all
+    expected = [
+        reference.attention(
+            *(p.rounded[n][b] for n in ("query", "key", "value")),
+            sinks=p.rounded["sinks"],
+            segment_ids=p.rounded["q_segment_ids"][b],
+            **case.semantics(),
+        )
+        for b in range(2)
+    ]
+    np.testing.assert_allclose(np.asarray(out), np.stack(expected), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])

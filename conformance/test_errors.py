@@ -107,6 +107,40 @@ MISUSES = {
         ValueError,
         ["key_chunk_size", "2.5"],
     ),
+    "segment-id pair with a None": (
+        lambda b, q, k, v: dict(segment_ids=(b.asarray(np.zeros((2, 6)), "float32"), None)),
+        ValueError,
+        ["segment_ids", "pair"],
+    ),
+    "float segment ids": (
+        lambda b, q, k, v: dict(
+            segment_ids=(b.asarray(np.zeros((2, 6)), "float32"), b.asarray(np.zeros((2, 7))))
+        ),
+        TypeError,
+        [r"segment_ids\[0\]", "integer", "float32"],
+    ),
+    "shape mismatch: segment ids": (
+        lambda b, q, k, v: dict(segment_ids=b.asarray(np.zeros((2, 6), np.int32))),
+        ValueError,
+        ["segment_ids", r"\(2, 7\)", "self-attention"],
+    ),
+    "sinks not broadcastable": (
+        lambda b, q, k, v: dict(sinks=b.asarray(np.zeros(3), "float32")),
+        ValueError,
+        ["sinks", r"\(2, 4\)", r"\(3,\)"],
+    ),
+    "bad softcap": (lambda b, q, k, v: dict(softcap=-1.0), ValueError, ["softcap", "-1.0"]),
+    "dropout without a seed": (
+        lambda b, q, k, v: dict(dropout_rate=0.1),
+        ValueError,
+        ["dropout_seed", "0.1"],
+    ),
+    "float dropout seed": (
+        lambda b, q, k, v: dict(dropout_rate=0.1, dropout_seed=b.asarray(np.zeros(()), "float32")),
+        TypeError,
+        ["dropout_seed", "float32"],
+    ),
+    "bad causal": (lambda b, q, k, v: dict(causal="upper"), ValueError, ["causal", "top_left"]),
     "heads not divisible by kv_heads": (
         lambda b, q, k, v: dict(query=b.asarray(np.zeros((2, 6, 3, 8)), "float32")),
         ValueError,

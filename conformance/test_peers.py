@@ -6,8 +6,9 @@ torch ``scaled_dot_product_attention`` (bool mask, ``enable_gqa``, ``is_causal``
 lengths, ``local_window_size``, grouped heads) and ``keras.ops.dot_product_attention``
 on each Keras backend (one subprocess per backend: Keras picks it at import).
 
-The peers' ``is_causal`` is aligned top-left, uniattn's bottom-right: they agree when
-``q_len == kv_len``, which is where ``is_causal`` is compared. A row that sees no key is 0
+The peers' ``is_causal`` is aligned top-left, uniattn's ``causal=True`` bottom-right: they
+agree when ``q_len == kv_len``; uniattn's ``causal="top_left"`` is compared with them at
+``q_len < kv_len`` too. A row that sees no key is 0
 in uniattn; jax returns the mean of V there and SDPA NaN, so those rows are compared to
 the reference only (see README, "Semantics").
 """
@@ -50,7 +51,9 @@ def _only(backend, name):
 # -- torch ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["mask-gqa", "is-causal", "causal-lower-right"])
+@pytest.mark.parametrize(
+    "variant", ["mask-gqa", "is-causal", "causal-lower-right", "top-left-q-shorter"]
+)
 def test_torch_sdpa(backend, variant):
     _only(backend, "torch")
     import torch
@@ -67,6 +70,8 @@ def test_torch_sdpa(backend, variant):
         ours["mask"] = theirs["attn_mask"] = mask
     elif variant == "is-causal":
         ours["causal"] = theirs["is_causal"] = True
+    elif variant == "top-left-q-shorter":  # SDPA's is_causal with q_len < kv_len
+        ours["causal"], theirs["is_causal"] = "top_left", True
     else:  # bottom-right causal with q_len < kv_len
         ours["causal"] = True
         theirs["attn_mask"] = causal_lower_right(q_len, S)
