@@ -141,10 +141,10 @@ def make_inputs(case: Case) -> dict[str, np.ndarray | None]:
     arrays["sinks"] = None if case.sinks is None else 2.0 * rng.standard_normal(case.sinks)
     q_ids = kv_ids = None
     if case.documents is not None:
-        q_ids = _segment_ids(case.documents, case.q_len, case.batch)
+        q_ids = segment_ids(case.documents, case.q_len, case.batch)
         kv_ids = q_ids if case.kv_documents is None else None
     if case.kv_documents is not None:
-        kv_ids = _segment_ids(case.kv_documents, case.kv_len, case.batch)
+        kv_ids = segment_ids(case.kv_documents, case.kv_len, case.batch)
     if case.shuffled_ids:
         q_ids = rng.permuted(q_ids, axis=-1)
         kv_ids = q_ids if case.kv_documents is None else rng.permuted(kv_ids, axis=-1)
@@ -152,7 +152,7 @@ def make_inputs(case: Case) -> dict[str, np.ndarray | None]:
     return arrays
 
 
-def _segment_ids(documents, length, batch):
+def segment_ids(documents, length, batch):
     """Ids 0, 0, .., 1, 1, .. of consecutive documents, then -1 (padding), ``[*batch, length]``."""
     ids = np.repeat(np.arange(len(documents)), documents)[:length]
     ids = np.concatenate([ids, np.full(length - ids.size, -1)]).astype(np.int32)

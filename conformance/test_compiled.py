@@ -8,7 +8,7 @@ import pytest
 import uniattn
 from uniattn import reference
 
-from .cases import CASES
+from .cases import CASES, segment_ids
 from .harness import prepare
 from .tolerances import assert_close, assert_gradients_close
 
@@ -111,17 +111,17 @@ def test_jax_jit_takes_new_seeds_and_packings_without_recompiling(backend):
         pytest.skip("jax.jit's cache is JAX's")
     import jax
 
-    p = prepare(backend, CASES["everything"], "float32")
-    ids = p.arrays["q_segment_ids"]
+    case = CASES["everything"]
+    p = prepare(backend, case, "float32")
 
     @jax.jit
     def call(seed, ids, *primals):
         return p.call(*primals, dropout_seed=seed, segment_ids=ids)
 
     outs = []
-    for seed, shift in [(1, 0), (2, 0), (2, 1)]:
-        moved = jax.numpy.where(ids >= 0, (ids + shift) % 3, -1)
-        outs.append(np.asarray(call(jax.numpy.int32(seed), moved, *p.primals())))
+    for seed, documents in [(1, (12, 17, 16)), (2, (12, 17, 16)), (2, (30, 5, 10))]:
+        ids = segment_ids(documents, case.q_len, case.batch)
+        outs.append(np.asarray(call(jax.numpy.int32(seed), jax.numpy.asarray(ids), *p.primals())))
     assert call._cache_size() == 1
     assert not np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[1], outs[2])
 
