@@ -1,15 +1,24 @@
 """Conformance suite: ``pytest conformance --backend=NAME`` (repeatable) ``[--device=NAME]``.
 
-Without ``--backend`` every installed backend is tested; without ``--device``, on each
-framework's default device (``--device cuda``: torch's GPU; JAX names it ``gpu``). Tests
-that take a ``backend`` argument run once per selected backend; tests that also take
-``case`` and ``dtype`` run over the case table in each dtype the backend supports.
+NAME is a dedicated adapter (numpy, jax, torch, tensorflow), an array-API library the
+generic adapter serves (array_api_strict, dask, or any other installed one), or a backend
+another package registers under the entry-point group ``uniattn.backends``. Without
+``--backend`` every installed backend is tested (``uniattn.backends.available()``);
+without ``--device``, on each framework's default device (``--device cuda``: torch's GPU;
+JAX names it ``gpu``; array-api-strict has ``device1``). Tests that take a ``backend``
+argument run once per selected backend; tests that also take ``case`` and ``dtype`` run
+over the case table in each dtype the backend supports.
+
+``--array-api-strict-flags=strictest`` runs array-api-strict at the oldest version of the
+standard the algorithm needs, with no data-dependent shapes, no boolean indexing and no
+extensions (:data:`STRICTEST`), here and in the processes the suite starts.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # float64 cases need JAX's x64 mode (array-api-tests does the same); the x64-off default
@@ -32,7 +41,67 @@ from hypothesis import HealthCheck, settings
 from uniattn import backends
 
 from .cases import CASES
-from .xfails import XFAILS
+from .xfails import NEEDS_DTYPE, SKIPS, XFAILS
+
+# array-api-strict's strictest settings (its environment variables: subprocesses inherit
+# them): the oldest version of the standard the algorithm needs (2024.12: where() with a
+# Python scalar), and none of what the flags switch off.
+STRICTEST = {
+    "ARRAY_API_STRICT_API_VERSION": "2024.12",
+    "ARRAY_API_STRICT_BOOLEAN_INDEXING": "False",
+    "ARRAY_API_STRICT_DATA_DEPENDENT_SHAPES": "False",
+    "ARRAY_API_STRICT_ENABLED_EXTENSIONS": "",
+}
+
+# Dask runs a representative part of the suite (``--dask-full-suite``: all of it). Its
+# arrays run the generic adapter that array-api-strict runs the whole suite through, on
+# NumPy blocks; what Dask adds is a lazy graph, some 20 tasks per chunk pair forward and
+# 40 with the backward, each about a millisecond to build and as much to run on a CPU,
+# which puts the whole suite above 5 minutes on 2 cores. The part kept covers what
+# laziness changes: every structure of the case table (broadcast bias and mask, causal,
+# window, decoding, grouped heads, packing, sinks, soft-capping, dropout), lengths and
+# segment ids (loop bounds Dask computes), empty shapes (Dask's chunking of empty
+# arrays), callables, and one chunking per path of the other tests; in float64 (NumPy
+# computes each block, whatever the dtype).
+DASK_CASES = (
+    "basic",
+    "non-divisible",
+    "single-query",
+    "causal-q-longer",
+    "bias-per-head-key",
+    "mask-all-off",
+    "mask-and-bias-causal",
+    "gqa-mask-bhtd",
+    "window-q-longer",
+    "key-lengths",
+    "lengths-two-batch-axes",
+    "empty-batch-lengths",
+    "no-queries",
+    "no-keys",
+    "all-keys-padded",
+    "empty-batch-bias",
+    "alibi",
+    "decode-gqa-lengths",
+    "decode-window-alibi",
+    "bias-minus-inf",
+    "top-left",
+    "packed",
+    "packed-decode",
+    "sinks-decode",
+    "softcap",
+    "dropout",
+    "everything",
+)
+DASK_DTYPES = ("float64",)
+#: Test prefix -> the parameter ids Dask keeps (each must appear in the test's id); an
+#: empty list: the test does not run on Dask (its chunk size 1 is 1517 chunk pairs).
+DASK_PARAMETERS: dict[str, list[tuple[str, ...]]] = {
+    "test_features.py::test_dropout_mask_ignores_chunks_and_layout[": [],
+    "test_semantics.py::test_chunk_size_invariance[": [("16x16",), ("10000x10000",)],
+    "test_adversarial.py::test_non_finite_input_affects_only_rows_that_attend_it[": [
+        ("key-lengths", "nan"),
+    ],
+}
 
 # Hypothesis profiles (test_properties.py): "ci", the default, is seeded and bounded;
 # ``--hypothesis-profile=long`` is for release checks.
@@ -47,8 +116,20 @@ def pytest_addoption(parser):
         "--backend",
         action="append",
         default=[],
-        choices=list(backends.REGISTRY),
-        help="backend to run the conformance suite on (repeatable; default: all installed)",
+        help="backend to run the conformance suite on (repeatable; default: all installed, "
+        f"{backends.available()})",
+    )
+    parser.addoption(
+        "--array-api-strict-flags",
+        choices=["default", "strictest"],
+        default="default",
+        help="array-api-strict's flags: its defaults, or the standard's 2024.12 version "
+        "with no data-dependent shapes, no boolean indexing and no extensions",
+    )
+    parser.addoption(
+        "--dask-full-suite",
+        action="store_true",
+        help="run every case and parameter on Dask, not the representative part (DASK_CASES)",
     )
     parser.addoption(
         "--device",
@@ -59,14 +140,36 @@ def pytest_addoption(parser):
 
 
 def selected_backends(config) -> list[str]:
-    names = config.getoption("backend") or backends.installed()
-    missing = [n for n in names if n not in backends.installed()]
-    if missing:
-        raise pytest.UsageError(f"--backend {missing}: framework not installed")
+    names = config.getoption("backend") or backends.available()
+    for name in names:
+        if name in backends.available():
+            continue
+        if name in (*backends.REGISTRY, *backends.ARRAY_API_LIBRARIES):
+            raise pytest.UsageError(f"--backend {name}: framework not installed")
+        try:
+            backends.load(name)  # another array-API library, by the name of its module
+        except ValueError as e:
+            raise pytest.UsageError(f"--backend {name}: {e}") from None
     return names
 
 
+def use_strictest_flags() -> None:
+    """array-api-strict's strictest flags, for this process and the ones it starts."""
+    os.environ.update(STRICTEST)
+    if "array_api_strict" in sys.modules:
+        import array_api_strict
+
+        array_api_strict.set_array_api_strict_flags(
+            api_version=STRICTEST["ARRAY_API_STRICT_API_VERSION"],
+            boolean_indexing=False,
+            data_dependent_shapes=False,
+            enabled_extensions=(),
+        )
+
+
 def pytest_configure(config):
+    if config.getoption("array_api_strict_flags") == "strictest":
+        use_strictest_flags()
     config.uniattn_backends = selected_backends(config)
     config.uniattn_loaded = None
 
@@ -102,7 +205,12 @@ def pytest_sessionfinish(session):
 def pytest_report_header(config):
     loaded = loaded_backends(config)
     where = f" on {config.getoption('device')}" if config.getoption("device") else ""
-    return "uniattn backends: " + ", ".join(f"{b.name} {b.version()}" for b in loaded) + where
+    header = "uniattn backends: " + ", ".join(f"{b.name} {b.version()}" for b in loaded) + where
+    if "array_api_strict" in sys.modules:
+        import array_api_strict
+
+        header += f"\narray-api-strict flags: {array_api_strict.get_array_api_strict_flags()}"
+    return header
 
 
 def pytest_generate_tests(metafunc):
@@ -126,19 +234,49 @@ def pytest_generate_tests(metafunc):
             for b in loaded
             for case in CASES.values()
             for dtype in case.dtypes
-            if dtype in b.dtypes
+            if dtype in b.dtypes and _runs(metafunc.config, b, case, dtype)
         ]
         metafunc.parametrize(("backend", "case", "dtype"), params)
     else:
         metafunc.parametrize("backend", loaded, ids=[b.name for b in loaded])
 
 
+def _runs(config, backend, case, dtype) -> bool:
+    """Whether ``case`` runs in ``dtype`` on ``backend`` (Dask: :data:`DASK_CASES`)."""
+    if backend.name != "dask" or config.getoption("dask_full_suite"):
+        return True
+    return case.name in DASK_CASES and dtype in DASK_DTYPES
+
+
+def _kept_on_dask(test_id: str) -> bool:
+    for prefix, kept in DASK_PARAMETERS.items():
+        if test_id.startswith(prefix):
+            return any(all(part in test_id for part in ids) for ids in kept)
+    return True
+
+
 def pytest_collection_modifyitems(config, items):
+    kept, deselected = [], []
     for item in items:
         backend = getattr(item, "callspec", None) and item.callspec.params.get("backend")
         if backend is None:
+            kept.append(item)
             continue
         test_id = f"{item.path.name}::{item.name}"
+        dask_part = backend.name == "dask" and not config.getoption("dask_full_suite")
+        if dask_part and not _kept_on_dask(test_id):
+            deselected.append(item)
+            continue
+        kept.append(item)
         for prefix, reason in XFAILS.get(backend.name, {}).items():
             if test_id.startswith(prefix):
                 item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
+        for prefix, reason in SKIPS.get(backend.name, {}).items():
+            if test_id.startswith(prefix):
+                item.add_marker(pytest.mark.skip(reason=reason))
+        for prefix, dtype in NEEDS_DTYPE.items():
+            if test_id.startswith(prefix) and dtype not in backend.dtypes:
+                item.add_marker(pytest.mark.skip(reason=f"{backend.name} has no {dtype}"))
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept

@@ -1,7 +1,10 @@
-"""Known failures per backend, each with its reason (array-api-tests style).
+"""Known failures per backend, each with its reason (array-api-tests style), and tests that
+do not apply to a backend.
 
-Keys are ``"<test file>::<test name>[<parameter id>]"`` prefixes; a matching test is
-marked ``xfail(strict=True)``, so it fails the suite the day it starts passing.
+Keys are ``"<test file>::<test name>[<parameter id>]"`` prefixes. A test matching
+:data:`XFAILS` is marked ``xfail(strict=True)``, so it fails the suite the day it starts
+passing; one matching :data:`SKIPS` is skipped with its reason; one in :data:`NEEDS_DTYPE`
+is skipped on a backend without that dtype.
 """
 
 XFAILS: dict[str, dict[str, str]] = {
@@ -13,4 +16,31 @@ XFAILS: dict[str, dict[str, str]] = {
             "backward='custom' works; so does compiling the whole gradient step"
         ),
     },
+    "array_api_strict": {
+        "test_adapter.py::test_chunks_indexed_in_a_loop_and_through_remat[": (
+            "the test indexes its 4-d stacked chunks with one integer, chunks[i], which the "
+            "standard leaves unspecified (array-api-strict asks for chunks[i, ...], as the "
+            "algorithm writes it)"
+        ),
+        "test_lse.py::test_merge_halves_forward[": (
+            "the test slices 4-d keys with two indices, k[:, :split], which the standard "
+            "leaves unspecified (array-api-strict asks for k[:, :split, ...])"
+        ),
+    },
+}
+
+SKIPS: dict[str, dict[str, str]] = {
+    "dask": {
+        "test_memory.py::": (
+            "Dask's scheduler, not uniattn, decides how many chunks' intermediates are alive "
+            "at once: its threaded scheduler runs ahead and holds score blocks of many chunk "
+            "pairs (a forward at n 4096 held 50-73 MB above its inputs, about one float32 "
+            "score matrix), and the figure varies from run to run"
+        ),
+    },
+}
+
+#: Tests that need one dtype whatever the backend: skipped where the backend lacks it.
+NEEDS_DTYPE: dict[str, str] = {
+    "test_lse.py::test_lse_is_float32_for_16bit[": "float16",
 }
