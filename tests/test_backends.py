@@ -1,4 +1,4 @@
-"""Detection and the adapters' namespaces."""
+"""Detection, the registry of backends and the adapters' namespaces."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_algorithm_modules_name_no_framework(module):
         assert word not in source, word
 
 
-@pytest.mark.parametrize("name", backends.installed())
+@pytest.mark.parametrize("name", backends.available())
 def test_namespace_covers_the_algorithm(name):
     namespace = backends.load(name).namespace()
     missing = sorted(n for n in _names_used_by_the_algorithm() if not hasattr(namespace, n))
@@ -67,12 +67,50 @@ def test_framework_arrays_are_detected(name):
     assert backend.is_array_type(type(out))
 
 
+@pytest.mark.parametrize("name", list(backends.ARRAY_API_LIBRARIES))
+def test_array_library_arrays_are_detected(name):
+    """Arrays of an array-API library without a dedicated adapter get the generic adapter
+    of their namespace, named after the library, and results of their own type."""
+    if importlib.util.find_spec(backends.ARRAY_API_LIBRARIES[name]) is None:
+        pytest.skip(f"{name} is not installed")
+    backend = backends.harness(name)
+    x = backend.asarray(np.ones((3, 2, 4)), "float32")
+    found = backend_of(query=x)
+    assert found is backend.adapter is backends.load(name)
+    assert found.name == name and name in backends.available()
+    assert type(found).__name__ == "ArrayAPIBackend"
+    out = uniattn.attention(x, x, x)
+    assert backend.is_array_type(type(out)) and backend.dtype_name(out) == "float32"
+
+
+def test_installed_lists_dedicated_adapters_and_available_adds_the_others():
+    assert set(backends.installed()) <= set(backends.REGISTRY)
+    assert backends.available()[: len(backends.installed())] == backends.installed()
+
+
+def test_entry_points_are_read_only_for_unknown_types(monkeypatch):
+    """A type a dedicated adapter claims is never compared with registered backends."""
+    calls = []
+    monkeypatch.setattr(backends, "entry_points", lambda: calls.append(1) or {})
+
+    class Unknown:
+        pass
+
+    backend_of_type.cache.pop((np.ndarray,), None)
+    assert backend_of_type(np.ndarray) is backends.load("numpy")
+    assert calls == []
+    assert backend_of_type(Unknown) is None
+    assert calls == [1]
+
+
 def test_load_rejects_unknown_names():
     with pytest.raises(ValueError, match="backend must be one of"):
         backends.load("mxnet")
+    with pytest.raises(ValueError, match="array-API library"):
+        backends.harness("json")  # a module, but no array library
 
 
-@pytest.mark.parametrize("name", backends.installed())
+@pytest.mark.parametrize("name", backends.available())
 def test_on_places_arrays_and_rejects_unknown_devices(name):
     """``Harness.on``: a copy whose ``asarray`` creates arrays on the device named, with a
     ValueError naming the argument for a device the framework does not have."""
@@ -88,7 +126,7 @@ def test_on_places_arrays_and_rejects_unknown_devices(name):
         backend.on("no-such-device:7")
 
 
-@pytest.mark.parametrize("name", backends.installed())
+@pytest.mark.parametrize("name", backends.available())
 def test_default_chunks_follow_the_device(name):
     """The host CPU gets the CPU-tuned chunks; an accelerator the larger ones."""
     backend = backends.harness(name)
