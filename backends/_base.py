@@ -40,6 +40,9 @@ class Backend:
     dtypes: tuple[str, ...] = FLOAT_DTYPES
     #: Whether :meth:`vjp` (the framework's own reverse-mode autodiff) exists.
     has_autodiff: bool = False
+    #: Whether :meth:`stage` compiles once per input shape (uniattn then caches its staged
+    #: functions per shape, and a benchmark warms up every length before it measures).
+    compiles_per_shape: bool = False
     #: Default (query_chunk_size, key_chunk_size) on the host CPU and on an accelerator
     #: (``python -m uniattn.bench tune``), and the key chunk of a single query row.
     default_chunks: tuple[int, int] = (256, 512)
@@ -164,7 +167,7 @@ class Backend:
         return self.namespace().sum(p, axis=-1, keepdims=True)
 
     def chunks(self, stacked: Any) -> Any:
-        """``stacked`` (chunks on axis 0) as a loop body indexes it: ``chunks(s)[i]``.
+        """``stacked`` (chunks on axis 0) as a loop body indexes it: ``chunks(s)[i, ...]``.
 
         The result is passed to :meth:`remat`-wrapped functions, so it must be something
         they accept as an argument. The default is the array itself.
@@ -220,13 +223,19 @@ def python_scan(step: Callable, init: Any, slices: Sequence, length: int, stack:
     ``xs[j]``; ``stack`` stacks a list of arrays."""
     carry, ys = init, []
     for i in range(length):
-        carry, y = step(carry, i, tuple(s[i] for s in slices))
+        carry, y = step(carry, i, tuple(_step_slice(s, i) for s in slices))
         ys.append(y)
     if not ys or ys[0] is None:
         return carry, None
     if isinstance(ys[0], tuple):
         return carry, tuple(None if p[0] is None else stack(list(p)) for p in zip(*ys, strict=True))
     return carry, stack(ys)
+
+
+def _step_slice(s: Any, i: int) -> Any:
+    """Step ``i``'s slice of ``s``: an array's along its leading axis (``s[i, ...]``: the
+    standard leaves ``s[i]`` of an array of several axes unspecified), or a sequence's item."""
+    return s[i] if isinstance(s, (tuple, list)) else s[i, ...]
 
 
 def python_fori(lower: Any, upper: Any, body: Callable, init: Any) -> Any:
@@ -249,9 +258,6 @@ class Harness:
         :meth:`chunk_sizes` are the adapter's.
     """
 
-    #: Whether :meth:`stage` compiles once per input shape (a benchmark then warms up
-    #: every length, not only the first, before it measures).
-    compiles_per_shape: bool = False
     #: Where :meth:`asarray` creates arrays (None: the framework's default); see :meth:`on`.
     array_device: Any = None
 
@@ -269,6 +275,10 @@ class Harness:
     @property
     def has_autodiff(self) -> bool:
         return self.adapter.has_autodiff
+
+    @property
+    def compiles_per_shape(self) -> bool:
+        return self.adapter.compiles_per_shape
 
     def namespace(self) -> Any:
         return self.adapter.namespace()

@@ -14,6 +14,7 @@ from ._base import Backend, Harness
 class JaxBackend(Backend):
     name = "jax"
     has_autodiff = True
+    compiles_per_shape = True
     decode_key_chunk = 65536  # each key chunk costs XLA a copy of its keys and values
 
     def is_array_type(self, tp):
@@ -152,8 +153,6 @@ class _Flat:
 
 
 class JaxHarness(Harness):
-    compiles_per_shape = True
-
     def version(self):
         return jax.__version__
 

@@ -68,6 +68,7 @@ def _first_order_only(x):
 class TensorFlowBackend(Backend):
     name = "tensorflow"
     has_autodiff = True
+    compiles_per_shape = True  # `stage` traces a graph per input shape
     default_chunks = (512, 512)
     decode_key_chunk = 16384
 
@@ -211,8 +212,6 @@ def _is_float_tensor(x):
 
 
 class TensorFlowHarness(Harness):
-    compiles_per_shape = True  # `stage` traces a graph per input shape
-
     def version(self):
         return tf.__version__
 

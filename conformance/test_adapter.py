@@ -346,9 +346,9 @@ def test_chunks_indexed_in_a_loop_and_through_remat(backend, how):
         @backend.adapter.remat
         def block(chunks, scale):
             def body(i, carry):
-                return (carry[0] + chunks[i] * scale,)
+                return (carry[0] + chunks[i, ...] * scale,)
 
-            return backend.adapter.fori_loop(0, 3, body, (stacked[0] * 0.0,), 3)[0]
+            return backend.adapter.fori_loop(0, 3, body, (stacked[0, ...] * 0.0,), 3)[0]
 
         chunks = backend.adapter.chunks(stacked * 1.0)
         return backend.adapter.scan(lambda c, i, x: (c, block(chunks, x[0])), (), (scales,), 2)[1]

@@ -66,8 +66,8 @@ def _merged(backend, q, k, v, bias, split):
     parts = [
         uniattn.attention(
             q,
-            k[:, :split],
-            v[:, :split],
+            k[:, :split, ...],
+            v[:, :split, ...],
             bias=bias[..., :split],
             return_lse=True,
             query_chunk_size=8,
@@ -75,8 +75,8 @@ def _merged(backend, q, k, v, bias, split):
         ),
         uniattn.attention(
             q,
-            k[:, split:],
-            v[:, split:],
+            k[:, split:, ...],
+            v[:, split:, ...],
             bias=bias[..., split:],
             return_lse=True,
             query_chunk_size=8,

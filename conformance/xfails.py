@@ -16,17 +16,6 @@ XFAILS: dict[str, dict[str, str]] = {
             "backward='custom' works; so does compiling the whole gradient step"
         ),
     },
-    "array_api_strict": {
-        "test_adapter.py::test_chunks_indexed_in_a_loop_and_through_remat[": (
-            "the test indexes its 4-d stacked chunks with one integer, chunks[i], which the "
-            "standard leaves unspecified (array-api-strict asks for chunks[i, ...], as the "
-            "algorithm writes it)"
-        ),
-        "test_lse.py::test_merge_halves_forward[": (
-            "the test slices 4-d keys with two indices, k[:, :split], which the standard "
-            "leaves unspecified (array-api-strict asks for k[:, :split, ...])"
-        ),
-    },
 }
 
 SKIPS: dict[str, dict[str, str]] = {

@@ -157,17 +157,18 @@ def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool):
         q_c = q_c * c.options.scale  # per block: a scaled copy of q would be one more n·d
         by_key = (split(xp, bias_c, -1, schedule.keys), split(xp, mask_c, -1, schedule.keys))
         # Connected to the inputs even if no key chunk is visible (no loop trip runs).
-        zero = _connected_zero(xp, c.acc_dtype, q_c, k_chunks[0], v_chunks[0], bias_c, sinks_c)
+        first_k, first_v = k_chunks[0, ...], v_chunks[0, ...]
+        zero = _connected_zero(xp, c.acc_dtype, q_c, first_k, first_v, bias_c, sinks_c)
         rows = q_c.shape[:-1]
         carry = (
             xp.full((*rows, 1), NEG_INF, dtype=c.acc_dtype, device=c.device) + zero,
             c.zeros((*rows, 1)),
-            c.zeros((*rows, v_chunks[0].shape[-1])) + zero,
+            c.zeros((*rows, first_v.shape[-1])) + zero,
         )
         for band in schedule.key_bands(r):
 
             def body(j, carry, fold=folds[band.masked]):
-                chunks = (k_chunks[j], v_chunks[j], by_key[0].at(j), by_key[1].at(j))
+                chunks = (k_chunks[j, ...], v_chunks[j, ...], by_key[0].at(j), by_key[1].at(j))
                 return fold(*carry, q_c, *chunks, q_ids, kv_ids_by_key.at(j), r, j)
 
             carry = backend.fori_loop(band.lower, band.upper, body, carry, band.trips)

@@ -157,11 +157,13 @@ def attention(
     keywords = {name: value for name, value in locals().items() if name not in _ARRAYS}
     call = parse(query, key, value, keywords)
     backend, options, layout = call.backend, call.options, call.layout
+    shapes = _signature(backend, call.arrays)
     with backend.device_scope(call.arrays[0]):
         if backward == "custom":
-            out, lse = _differentiable(backend, options, layout, call.present)(*call.given)
+            staged = _differentiable(backend, options, layout, call.present, shapes)
+            out, lse = staged(*call.given)
         else:
-            out, lse = _staged_forward(backend, options, layout, True)(*call.arrays)
+            out, lse = _staged_forward(backend, options, layout, True, shapes)(*call.arrays)
         return call.result(out, lse)
 
 
@@ -209,14 +211,16 @@ def vjp(query: Any, key: Any, value: Any, **keywords: Any) -> tuple[Any, Callabl
             return attention(q, k, v, **dict(zip(names, extra, strict=True)), **others)
 
         return backend.vjp(fn, query, key, value, *(keywords[n] for n in names))
+    shapes = _signature(backend, call.arrays)
     with backend.device_scope(call.arrays[0]):
-        out, lse = _staged_forward(backend, call.options, call.layout, False)(*call.arrays)
+        staged = _staged_forward(backend, call.options, call.layout, False, shapes)
+        out, lse = staged(*call.arrays)
         result = call.result(out, lse)
 
     def vjp_fn(cotangent):
         d_out, d_lse = cotangent if call.return_lse else (cotangent, None)
         d_out, d_lse = call.checked_cotangents(d_out, d_lse)
-        staged = _staged_backward(backend, call.options, call.layout)
+        staged = _staged_backward(backend, call.options, call.layout, shapes)
         with backend.device_scope(call.arrays[0]):
             grads = staged(*call.arrays, out, lse, d_out, d_lse)
         return tuple(g for g in grads if g is not None)  # d_bias, d_sinks where given
@@ -229,11 +233,28 @@ vjp.__signature__ = inspect.signature(attention).replace(  # type: ignore[attr-d
 )
 
 
+#: Variants each staged cache keeps (first in, first out). A variant is one set of static
+#: options and, where the framework compiles per shape, one set of input shapes and dtypes:
+#: each then holds one compiled program (on XLA:CPU 5-10 MB and about 100 memory mappings).
+STAGED_CACHE_SIZE = 32
+
+
+def _signature(backend: Backend, arrays) -> tuple | None:
+    """The shapes and dtypes of a call's arrays where the backend compiles per shape (so a
+    cache entry holds one program), else None."""
+    if not backend.compiles_per_shape:
+        return None
+    return tuple(None if x is None else (tuple(x.shape), backend.dtype_name(x)) for x in arrays)
+
+
 # The staged functions take and return arrays in the user's layout and change layouts
 # themselves: outside a staged function, each transpose of an eager call may copy its
-# array, which for a decoding step is the whole cache.
-@memoized(maxsize=256)
-def _staged_forward(backend: Backend, options: _algorithm.Options, layout: str, remat: bool):
+# array, which for a decoding step is the whole cache. ``shapes`` (:func:`_signature`) only
+# keys the caches.
+@memoized(maxsize=STAGED_CACHE_SIZE)
+def _staged_forward(
+    backend: Backend, options: _algorithm.Options, layout: str, remat: bool, shapes: tuple | None
+):
     """``(*operands) -> (out, lse)``: the user's arrays (:class:`~uniattn._algorithm.Operands`
     order), the output in the user's layout (in the accumulation dtype) and its logsumexp."""
 
@@ -248,8 +269,10 @@ def _staged_forward(backend: Backend, options: _algorithm.Options, layout: str, 
     return backend.stage(forward)
 
 
-@memoized(maxsize=256)
-def _staged_backward(backend: Backend, options: _algorithm.Options, layout: str):
+@memoized(maxsize=STAGED_CACHE_SIZE)
+def _staged_backward(
+    backend: Backend, options: _algorithm.Options, layout: str, shapes: tuple | None
+):
     """``(*operands, out, lse, d_out, d_lse) -> (dq, dk, dv, d_bias, d_sinks)``, all in the
     user's layout (``d_bias``, ``d_sinks`` None without a bias array or sinks)."""
 
@@ -277,9 +300,13 @@ def _staged_backward(backend: Backend, options: _algorithm.Options, layout: str)
     return backend.stage(backward)
 
 
-@memoized(maxsize=256)
+@memoized(maxsize=STAGED_CACHE_SIZE)
 def _differentiable(
-    backend: Backend, options: _algorithm.Options, layout: str, present: tuple[bool, ...]
+    backend: Backend,
+    options: _algorithm.Options,
+    layout: str,
+    present: tuple[bool, ...],
+    shapes: tuple | None,
 ):
     """``f(q, k, v, *given) -> (out, lse)`` whose gradient is uniattn's backward,
     registered with the framework's custom-gradient hook (``Backend.custom_vjp``).
@@ -288,8 +315,8 @@ def _differentiable(
     q, k, v) are among ``given``. The forward and backward it calls are staged each on its
     own, and shared with :func:`vjp`.
     """
-    forward = _staged_forward(backend, options, layout, False)
-    backward = _staged_backward(backend, options, layout)
+    forward = _staged_forward(backend, options, layout, False, shapes)
+    backward = _staged_backward(backend, options, layout, shapes)
     optional = _algorithm.Operands._fields[3:]
 
     def all_arrays(args):

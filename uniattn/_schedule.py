@@ -67,7 +67,7 @@ class Split:
 
     def at(self, index):
         """The operand's value in chunk ``index``."""
-        return self.whole if self.chunks is None else self.chunks[index]
+        return self.whole if self.chunks is None else self.chunks[index, ...]
 
 
 def split(xp, x, axis: int, cut: Axis) -> Split:
@@ -106,7 +106,7 @@ def join(xp, stacked, axis: int, cut: Axis):
 
 
 def _slice_axis(x, axis: int, start: int, stop: int):
-    return x[(slice(None),) * axis + (slice(start, stop),)]
+    return x[(slice(None),) * axis + (slice(start, stop), ...)]
 
 
 def scan_chunks(backend, step: Callable, init, splits: tuple[Split, ...], cut: Axis):
@@ -422,4 +422,6 @@ def select(xp, condition, a, b):
     """``a if condition else b`` of two bounds; ``condition`` a bool or 0-d bool array."""
     if isinstance(condition, bool):
         return a if condition else b
+    if isinstance(a, int) and isinstance(b, int):  # where() takes at most one Python scalar
+        return xp.astype(condition, xp.int32) * (a - b) + b
     return xp.where(condition, a, b)
