@@ -144,7 +144,7 @@ def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool):
         p = backend.exp_shifted(s, m_ref)
         rescale = xp.exp(m - m_ref)
         l = l * rescale + backend.row_sums(p)
-        acc = acc * rescale + xp.matmul(c.dropped(p, r, j), v_c)
+        acc = acc * rescale + xp.matmul(c.dropped(p, c.kept(r, j, p.shape)), v_c)
         return m_new, l, acc
 
     folds = {masked: functools.partial(fold_in, masked=masked) for masked in (False, True)}
@@ -266,11 +266,12 @@ def _backprop(c: _Context, dtypes, q, k, v, bias, mask, sinks, out, lse, d_out, 
         args = (row.bias, row.mask, row.q_ids, kv_ids)
         s, tanh = c.scores(row.q, k_c, r, j, masked, *args, overlapping_rows=masked)
         p = backend.exp_shifted(s, row.lse)
-        dp = c.dropped(xp.matmul(row.d_out, v_t), r, j)
+        kept = c.kept(r, j, s.shape)  # one mask for both products it scales
+        dp = c.dropped(xp.matmul(row.d_out, v_t), kept)
         ds = p * (dp - row.delta)
         d_raw = ds if tanh is None else ds * (1.0 - tanh * tanh)  # through the soft cap
         dk_t = _sum_groups(xp, xp.matmul(row.q_t, d_raw))
-        dv_t = _sum_groups(xp, xp.matmul(row.d_out_t, c.dropped(p, r, j)))
+        dv_t = _sum_groups(xp, xp.matmul(row.d_out_t, c.dropped(p, kept)))
         db = None if row.bias is None else _sum_to(xp, ds, row.bias.shape)
         return xp.matmul(d_raw, k_c), dk_t, dv_t, db
 
@@ -458,15 +459,21 @@ class _Context:
                 allowed = rule if allowed is None else xp.logical_and(allowed, rule)
         return (s if allowed is None else xp.where(allowed, s, NEG_INF)), tanh
 
-    def dropped(self, x, r, j):
-        """``x`` (a block of row block ``r`` and key chunk ``j``) with dropout applied:
-        kept entries times ``1 / (1 - rate)``, the others 0."""
+    def kept(self, r, j, shape):
+        """Dropout's mask of row block ``r`` and key chunk ``j`` for a block of ``shape``
+        (True: kept), or None without dropout."""
         rate = self.options.dropout_rate
         if not rate:
+            return None
+        pos = self.schedule.positions(r, j, shape[-2], shape[-1])
+        return self.hash.kept(self.row_seeds, pos.query, pos.key, threshold(rate))
+
+    def dropped(self, x, kept):
+        """``x`` with dropout applied by the mask ``kept`` (:meth:`kept`): kept entries
+        times ``1 / (1 - rate)``, the others 0."""
+        if kept is None:
             return x
-        pos = self.schedule.positions(r, j, x.shape[-2], x.shape[-1])
-        keep = self.hash.kept(self.row_seeds, pos.query, pos.key, threshold(rate))
-        return self.xp.where(keep, x * (1.0 / (1.0 - rate)), 0.0)
+        return self.xp.where(kept, x * (1.0 / (1.0 - self.options.dropout_rate)), 0.0)
 
     # -- non-finite inputs -------------------------------------------------------------
     def all_finite(self, *arrays):

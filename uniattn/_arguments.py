@@ -230,14 +230,7 @@ def _check_sinks(x, batch, heads, backend):
     if x is None:
         return
     _check_float("sinks", backend, x)
-    shape, target = _static_shape("sinks", x), (*batch, heads)
-    broadcastable = len(shape) <= len(target) and all(
-        s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False)
-    )
-    if not broadcastable:
-        raise ValueError(
-            f"sinks must be broadcastable to [*batch, heads] = {target}; got shape {shape}"
-        )
+    _check_broadcastable("sinks", x, (*batch, heads), "[*batch, heads]")
 
 
 def _check_causal(causal):
@@ -431,17 +424,14 @@ def _swap_length_and_heads(xp, x):
     return xp.permute_dims(x, (*range(n - 3), n - 2, n - 3, n - 1))
 
 
-def _check_broadcastable(name, x, target):
-    """Check that ``x`` broadcasts to ``target``."""
+def _check_broadcastable(name, x, target, axes="[*batch, heads, q_len, kv_len]"):
+    """Check that ``x`` broadcasts to ``target`` (whose axes ``axes`` names)."""
     shape = _static_shape(name, x)
     broadcastable = len(shape) <= len(target) and all(
         s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False)
     )
     if not broadcastable:
-        raise ValueError(
-            f"{name} must be broadcastable to [*batch, heads, q_len, kv_len] = {target}; "
-            f"got shape {shape}"
-        )
+        raise ValueError(f"{name} must be broadcastable to {axes} = {target}; got shape {shape}")
 
 
 def _canonical_score_operand(xp, x, target, kv_heads, groups):
