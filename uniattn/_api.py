@@ -19,6 +19,7 @@ from ._arguments import (
     from_canonical,
     lse_shape,
     parse,
+    unpack,
 )
 from ._cache import memoized
 from .backends import Backend
@@ -263,7 +264,7 @@ def _staged_forward(
         ops = canonical_arrays(xp, layout, _algorithm.Operands(*arrays))
         out, lse = _algorithm.forward(backend, ops, options=options, remat=remat)
         q = arrays[0]
-        heads = q.shape[-2] if layout == "BTHD" else q.shape[-3]
+        heads = unpack(q.shape, layout)[1]
         return from_canonical(xp, layout, out, heads), xp.reshape(lse, lse_shape(q, layout))
 
     return backend.stage(forward)
@@ -281,8 +282,7 @@ def _staged_backward(
         xp = backend.namespace()
         user = _algorithm.Operands(*arrays)
         ops = canonical_arrays(xp, layout, user)
-        heads_axis = -2 if layout == "BTHD" else -3
-        heads, kv_heads = user.q.shape[heads_axis], user.k.shape[heads_axis]
+        heads, kv_heads = unpack(user.q.shape, layout)[1], unpack(user.k.shape, layout)[1]
         groups, lse_rows = heads // kv_heads, ops.q.shape[:-1]
         out, d_out = (canonical(xp, x, layout, kv_heads, groups) for x in (out, d_out))
         lse, d_lse = (None if x is None else xp.reshape(x, lse_rows) for x in (lse, d_lse))

@@ -124,9 +124,9 @@ def parse(query, key, value, keywords: Mapping[str, Any]) -> Call:
                 f"followed by 3 axes; query has shape {q_shape}, {name} has shape {shape}"
             )
     batch = q_shape[:-3]
-    q_len, heads, d_k = _unpack(q_shape, layout)
-    kv_len, kv_heads, d_k_key = _unpack(k_shape, layout)
-    v_len, v_heads, _d_v = _unpack(v_shape, layout)
+    q_len, heads, d_k = unpack(q_shape, layout)
+    kv_len, kv_heads, d_k_key = unpack(k_shape, layout)
+    v_len, v_heads, _d_v = unpack(v_shape, layout)
     kv_axes = axes.format(t="kv_len", h="kv_heads", d="d_k")
     if d_k_key != d_k:
         raise ValueError(
@@ -323,8 +323,8 @@ class _ChunkFunction:
 def canonical_arrays(xp, layout, arrays: Operands) -> Operands:
     """The checked arrays of a call in :mod:`uniattn._algorithm`'s layout."""
     q, k = arrays.q, arrays.k
-    q_len, heads, _ = _unpack(q.shape, layout)
-    kv_len, kv_heads, _ = _unpack(k.shape, layout)
+    q_len, heads, _ = unpack(q.shape, layout)
+    kv_len, kv_heads, _ = unpack(k.shape, layout)
     batch, groups = tuple(q.shape[:-3]), heads // kv_heads
     target = (*batch, heads, q_len, kv_len)
 
@@ -365,7 +365,7 @@ def from_canonical(xp, layout, x, heads):
 
 def lse_shape(q, layout) -> tuple[int, ...]:
     """``[*batch, heads, q_len]``, the shape of the logsumexp of a call on ``q``."""
-    q_len, heads, _ = _unpack(q.shape, layout)
+    q_len, heads, _ = unpack(q.shape, layout)
     return (*q.shape[:-3], heads, q_len)
 
 
@@ -413,7 +413,7 @@ def _check_window(window):
     return tuple(None if w is None else int(w) for w in window)
 
 
-def _unpack(shape, layout):
+def unpack(shape, layout):
     """(length, heads, dim) of a ``[*batch, ...]`` shape in ``layout``."""
     a, b, dim = shape[-3:]
     return (a, b, dim) if layout == "BTHD" else (b, a, dim)
