@@ -86,7 +86,11 @@ class JaxBackend(Backend):
     def custom_vjp(self, fwd, bwd):
         f = jax.custom_vjp(lambda *args: fwd(*args)[0])
         f.defvjp(fwd, lambda res, g: tuple(bwd(res, g)))
-        return f
+        # Inside jax.shard_map an argument replicated over a manual axis (sinks, a bias)
+        # while the others vary gets a varying cotangent, and a custom rule must return
+        # its primal's type: make every argument varying over the same axes first, as
+        # JAX's own operations do implicitly (its transpose sums the cotangent).
+        return lambda *args: f(*_varying_alike(args))
 
     def vjp(self, fn, *primals):
         return jax.vjp(fn, *primals)
@@ -124,6 +128,33 @@ class JaxBackend(Backend):
             return fn(*sanitize(*args[:n]), *args[n:])
 
         return self.cond(pred, fn, safe, (*operands, *passed))
+
+
+def _varying_alike(args):
+    """``args`` each varying over every manual mesh axis that any of them varies over."""
+    vmas = [_varying_axes(a) for a in args]
+    axes = frozenset().union(*vmas)
+    if not axes:
+        return args
+    return tuple(
+        a if vma == axes else _pcast_varying(a, tuple(axes - vma))
+        for a, vma in zip(args, vmas, strict=True)
+    )
+
+
+def _varying_axes(a) -> frozenset:
+    """The manual mesh axes ``a`` varies over (empty outside ``jax.shard_map``)."""
+    if a is None:
+        return frozenset()
+    aval = jax.typeof(a)
+    manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10; 0.6 to 0.9 call it vma
+    return manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+
+
+def _pcast_varying(a, axes):
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(a, axes, to="varying")
+    return jax.lax.pvary(a, axes)
 
 
 @jax.tree_util.register_pytree_node_class

@@ -162,7 +162,7 @@ def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool):
         rows = q_c.shape[:-1]
         carry = (
             xp.full((*rows, 1), NEG_INF, dtype=c.acc_dtype, device=c.device) + zero,
-            c.zeros((*rows, 1)),
+            c.zeros((*rows, 1)) + zero,
             c.zeros((*rows, first_v.shape[-1])) + zero,
         )
         for band in schedule.key_bands(r):
@@ -256,8 +256,11 @@ def _backprop(c: _Context, dtypes, q, k, v, bias, mask, sinks, out, lse, d_out, 
 
     rows = (by_rows(q), by_rows(t(q), -1), by_rows(d_out), by_rows(t(d_out), -1))
     rows += (by_rows(lse), by_rows(delta), by_rows(c.q_ids))
-    dq_sum = _RowSum(c, by_blocks=True)
-    db_sum = _RowSum(c, by_blocks=bias is not None and bias.shape[-2] == schedule.rows.length)
+    # Loop carries start connected to the inputs, so they have the inputs' type where a
+    # framework's type says more than shape and dtype (JAX's varying manual axes).
+    zero = _connected_zero(xp, c.acc_dtype, q, k, v)
+    dq_sum = _RowSum(c, zero, by_blocks=True)
+    db_sum = _RowSum(c, zero, by_blocks=bias is not None and bias.shape[-2] == schedule.rows.length)
     bias_by_keys = bias is not None and bias.shape[-1] == c.kv_len
 
     def pair_grads(row: _RowChunk, r, k_c, v_t, kv_ids, j, masked):
@@ -282,7 +285,7 @@ def _backprop(c: _Context, dtypes, q, k, v, bias, mask, sinks, out, lse, d_out, 
         *outer, k_chunk, d_k = k_c.shape
         if bias_by_keys:  # this chunk's columns of d_bias
             db = db_sum.zeros((*bias_k.shape[:-1], k_chunk))
-        carry = (c.zeros((*outer, d_k, k_chunk)), c.zeros(v_t.shape), dq, db)
+        carry = (c.zeros((*outer, d_k, k_chunk)) + zero, c.zeros(v_t.shape) + zero, dq, db)
         for band in schedule.row_bands(j):
 
             def body(r, carry, masked=band.masked):
@@ -327,13 +330,15 @@ class _RowSum:
     has rows (the adapter's block accumulator), else as one array that every block adds to."""
 
     c: _Context
+    zero: Any  # a connected zero (:func:`_connected_zero`) that starts every sum
     by_blocks: bool
 
     def zeros(self, shape):
         if not self.by_blocks:
-            return self.c.zeros(shape)
+            return self.c.zeros(shape) + self.zero
         rows = self.c.schedule.rows
-        return self.c.backend.blocks(self.c.zeros((rows.count, *shape[:-2], rows.size, shape[-1])))
+        shape = (rows.count, *shape[:-2], rows.size, shape[-1])
+        return self.c.backend.blocks(self.c.zeros(shape) + self.zero)
 
     def add(self, acc, r, update):
         return self.c.backend.add_block(acc, r, update) if self.by_blocks else acc + update
@@ -519,7 +524,8 @@ class _Context:
 def _connected_zero(xp, dtype, *arrays):
     """A 0 that depends on every given array (a sum of empty slices: exactly 0, never NaN),
     so that a result it is added to stays differentiable (zero gradients, not an error)
-    where no loop trip ran: empty inputs, or every key masked by lengths."""
+    where no loop trip ran (empty inputs, or every key masked by lengths), and a loop carry
+    it starts has the inputs' type where that says more than shape and dtype."""
     return sum(xp.sum(xp.astype(x[..., :0], dtype)) for x in arrays if x is not None)
 
 
