@@ -210,8 +210,42 @@ class Backend:
         """
         return fn(*self.cond(pred, _identity, sanitize, operands), *passed)
 
+    # -- ring attention (``uniattn.ring_attention``) -----------------------------------
+    def ring(self, axis_name: Any, group: Any) -> Ring:
+        """The ring of ranks a sequence is sharded over (:class:`Ring`). The default: none."""
+        raise NotImplementedError(
+            f"ring_attention runs on JAX (inside jax.shard_map, with axis_name) and on "
+            f"PyTorch (over a torch.distributed process group); {self.name} has no "
+            f"collective communication for it to use"
+        )
+
     def __repr__(self) -> str:
         return f"<uniattn backend {self.name!r}>"
+
+
+class Ring:
+    """The ranks ring attention runs on, as an adapter's :meth:`Backend.ring` gives them.
+
+    ``size`` is a Python int; ``rank`` an int, or a 0-d int array where the framework
+    traces it (JAX's ``axis_index``).
+    """
+
+    size: int
+    rank: Any
+
+    def shift(self, arrays: tuple) -> Callable[[], tuple]:
+        """Start sending each of ``arrays`` (Nones stay None) to rank ``rank + 1`` and
+        receiving rank ``rank - 1``'s (modulo ``size``); the returned function waits and
+        returns what arrived. Work issued before calling it overlaps the transfer."""
+        raise NotImplementedError
+
+    def sum_replicated(self, x: Any) -> Any:
+        """The cotangent of an argument every rank holds the same copy of (sinks), given
+        this rank's share ``x``: the sum over ranks, where the framework does not add it."""
+        raise NotImplementedError
+
+    def check_same_length(self, length: int) -> None:
+        """Raise ValueError unless every rank's shard has ``length`` positions."""
 
 
 def _identity(*arrays):

@@ -118,6 +118,11 @@ class JaxBackend(Backend):
     def stacked(self, blocks):
         return blocks
 
+    def ring(self, axis_name, group):
+        from ._jax_ring import JaxRing
+
+        return JaxRing(axis_name, group)
+
     def cond_call(self, pred, fn, sanitize, operands, passed=()):
         # Around fn: branching on the operands alone would return them as new buffers
         # (a decoding step's whole cache). `passed` go in as operands too: XLA copies

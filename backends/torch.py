@@ -106,6 +106,11 @@ class TorchBackend(Backend):
 
         return out, vjp_fn
 
+    def ring(self, axis_name, group):
+        from ._torch_ring import TorchRing
+
+        return TorchRing(axis_name, group)
+
     def exp_shifted(self, s, shift):
         if s.requires_grad:  # autograd may need s: out of place
             return torch.exp(s - shift)

@@ -7,7 +7,16 @@ Importing uniattn imports no framework; the backend is picked from the arrays' t
 """
 
 from ._api import attention, vjp
+from ._ring import merge, ring_attention, unzigzag, zigzag
 from ._segments import segment_ids_from_cu_seqlens
 
 __version__ = "0.1.0"
-__all__ = ["attention", "segment_ids_from_cu_seqlens", "vjp"]
+__all__ = [
+    "attention",
+    "merge",
+    "ring_attention",
+    "segment_ids_from_cu_seqlens",
+    "unzigzag",
+    "vjp",
+    "zigzag",
+]

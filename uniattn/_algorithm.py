@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ._dropout import Hash, threshold
-from ._schedule import Schedule, Split, join, scan_chunks, split
+from ._schedule import Schedule, Split, join, plus, scan_chunks, split
 
 NEG_INF = float("-inf")
 NAN = float("nan")
@@ -100,7 +100,7 @@ class Operands(NamedTuple):
 
 
 # -- forward -------------------------------------------------------------------------------
-def forward(backend: Any, ops: Operands, *, options: Options, remat=True):
+def forward(backend: Any, ops: Operands, *, options: Options, remat=True, starts=(0, 0)):
     """Attention output ``[*batch, kv_heads, groups, q_len, d_v]`` and its logsumexp.
 
     Both are in the accumulation dtype, float32 (float64 for float64 inputs): the caller
@@ -108,9 +108,10 @@ def forward(backend: Any, ops: Operands, *, options: Options, remat=True):
     the unrounded one. The logsumexp ``[*batch, kv_heads, groups, q_len]`` is ``-inf`` on
     rows that see no key (the sink's logit with sinks); those rows' output is 0. With
     ``remat`` each chunk's intermediates are recomputed when the framework differentiates
-    through the loops.
+    through the loops. ``starts`` are the positions of the first query and key (int or 0-d
+    int array) when the call is one block of a longer sequence (:class:`Schedule`).
     """
-    c = _Context(backend, ops, options)
+    c = _Context(backend, ops, options, starts)
     xp = c.xp
     q, k, v = ops.q, ops.k, ops.v
     if c.empty:
@@ -197,13 +198,17 @@ def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool):
 
 
 # -- backward ------------------------------------------------------------------------------
-def backward(backend: Any, ops: Operands, out, lse, d_out, d_lse, *, options: Options):
+def backward(
+    backend: Any, ops: Operands, out, lse, d_out, d_lse, *, options: Options, starts=(0, 0)
+):
     """Cotangents ``(dq, dk, dv, d_bias, d_sinks)`` of :func:`forward`'s ``(out, lse)``.
 
     ``d_lse`` may be None. Each cotangent has its primal's shape and dtype; ``d_bias`` and
     ``d_sinks`` are None without a bias or sinks. Rows that see no key get zero gradients.
+    ``out`` and ``lse`` may be those of a longer key sequence than ``ops.k`` (ring
+    attention): the gradients are then this block's share.
     """
-    c = _Context(backend, ops, options)
+    c = _Context(backend, ops, options, starts)
     xp = c.xp
     q, k, v, bias, sinks = ops.q, ops.k, ops.v, ops.bias, ops.sinks
     dtypes = tuple(None if x is None else x.dtype for x in (q, k, v, bias, sinks))
@@ -359,7 +364,7 @@ class _Context:
     head.
     """
 
-    def __init__(self, backend, ops: Operands, options: Options):
+    def __init__(self, backend, ops: Operands, options: Options, starts=(0, 0)):
         self.backend, self.options = backend, options
         self.xp = xp = backend.namespace()
         q, k = ops.q, ops.k
@@ -369,6 +374,11 @@ class _Context:
         self.batch = tuple(q.shape[:-4])
         self.folded = self.q_len == 1 and q.shape[-3] > 1
         self.q_lengths, self.k_lengths = ops.q_lengths, ops.k_lengths
+        # Lengths count from the call's first query and key; positions from the sequence's.
+        self.q_end, self.k_end = (
+            None if n is None else plus(start, n)
+            for n, start in zip((ops.q_lengths, ops.k_lengths), starts, strict=True)
+        )
         self.q_ids, self.kv_ids = ops.q_ids, ops.kv_ids
         self.empty = 0 in q.shape[:-1] or self.kv_len == 0
         live = not self.empty
@@ -387,6 +397,8 @@ class _Context:
             k_max=xp.max(ops.k_lengths) if live and ops.k_lengths is not None else None,
             q_ids=self._flat_ids(ops.q_ids) if live else None,
             kv_ids=self._flat_ids(ops.kv_ids) if live else None,
+            q_start=starts[0],
+            k_start=starts[1],
             device=self.device,
         )
         self.hash = self.row_seeds = None
@@ -454,10 +466,10 @@ class _Context:
             if o.mask_fn is not None:
                 rules.append(self.fold(o.mask_fn(fn_q, pos.key)))
             rules += schedule.rules(pos, r, j, masked, overlapping_rows)
-            if self.k_lengths is not None:
-                rules.append(pos.key < self.k_lengths)
-            if self.q_lengths is not None:
-                rules.append(pos.query < self.q_lengths)
+            if self.k_end is not None:
+                rules.append(pos.key < self.k_end)
+            if self.q_end is not None:
+                rules.append(pos.query < self.q_end)
         allowed = None
         for rule in rules:
             if rule is not None:

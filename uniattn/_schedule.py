@@ -172,6 +172,10 @@ class Schedule:
         The longest valid query and key length of the batch: later chunks are skipped.
     q_ids, kv_ids : int array ``[*batch, q_len]`` and ``[*batch, kv_len]``, or None
         Segment ids (negative: padding), for skipping chunk pairs with disjoint ids.
+    q_start, k_start : int or 0-d int array
+        The position of the first query and key: a call may compute one block of a longer
+        sequence (ring attention), whose window and callables see the sequence's positions.
+        ``q_len``/``kv_len``, the chunks, lengths and ids count from the block's start.
     """
 
     def __init__(
@@ -190,9 +194,12 @@ class Schedule:
         k_max=None,
         q_ids=None,
         kv_ids=None,
+        q_start=0,
+        k_start=0,
         device=None,
     ):
         self.xp, self.device = xp, device
+        self.q_start, self.k_start = q_start, k_start
         self.q_len, self.kv_len, self.folded = q_len, kv_len, folded
         self.left, self.right = left, right
         self.offset = kv_len - q_len  # the diagonal's key position at query 0
@@ -231,8 +238,11 @@ class Schedule:
         """Positions of row block ``r_index`` (``n_rows`` rows) and key chunk ``k_index``."""
         xp = self.xp
         rows = xp.reshape(self._arange(self.rows.start(r_index), n_rows), (-1, 1))
-        keys = xp.reshape(self._arange(self.keys.start(k_index), n_keys), (1, -1))
-        return Positions(rows, rows * 0 if self.folded else rows, keys)
+        keys = xp.reshape(
+            self._arange(plus(self.k_start, self.keys.start(k_index)), n_keys), (1, -1)
+        )
+        query = rows * 0 if self.folded else rows
+        return Positions(rows, plus(self.q_start, query), keys)
 
     def needs_rules(self, masked: bool, overlapping_rows: bool) -> bool:
         """Whether :meth:`rules` has any rule for a chunk pair of a band."""
@@ -253,7 +263,7 @@ class Schedule:
         if masked and self.left is not None:
             rules.append(pos.key >= diagonal - self.left)
         if masked and self.keys.overlaps:
-            rules.append(pos.key >= k_index * self.keys.size)
+            rules.append(pos.key >= plus(self.k_start, k_index * self.keys.size))
         if overlapping_rows and self.rows.overlaps:
             rules.append(pos.rows >= r_index * self.rows.size)
         return rules
@@ -266,22 +276,21 @@ class Schedule:
         """The key chunks row block ``r_index`` can see, as consecutive bands: partly
         masked edges around a middle of chunks that every row sees whole."""
         xp, keys, left, right = self.xp, self.keys, self.left, self.right
-        if self.folded:
-            p_first = p_last = 0
-        else:
-            p_first = self.rows.start(r_index)
-            p_last = p_first + self.rows.size - 1
-        lo, hi = 0, self.kv_len - 1  # inclusive key positions
+        block_first = 0 if self.folded else self.rows.start(r_index)
+        # Diagonals of the block's first and last rows, as positions within this call's keys.
+        d_first = self.q_start + block_first + self.offset - self.k_start
+        d_last = d_first if self.folded else d_first + self.rows.size - 1
+        lo, hi = 0, self.kv_len - 1  # inclusive key indices
         if left is not None:
-            lo = maximum(xp, lo, p_first + self.offset - left)
+            lo = maximum(xp, lo, d_first - left)
         if right is not None:
-            hi = minimum(xp, hi, p_last + self.offset + right)
+            hi = minimum(xp, hi, d_last + right)
         if self.k_max is not None:
             hi = minimum(xp, hi, self.k_max - 1)
         first = minimum(xp, lo // keys.size, keys.count)
         stop = maximum(xp, first, (hi + keys.size) // keys.size)  # empty when hi < lo
         if self.q_max is not None:
-            stop = select(xp, p_first < self.q_max, stop, first)
+            stop = select(xp, block_first < self.q_max, stop, first)
         if self.segments is not None:
             first, stop = self._narrowed(first, stop, self.segments[:2], r_index)
         trips = keys.count
@@ -290,10 +299,10 @@ class Schedule:
             trips = min(trips, (width + left + right) // keys.size + 2)
         # Whole chunks: every key at or after the block's last diagonal - left, at or
         # before its first diagonal + right, and not the overlapping last chunk.
-        whole_first = None if left is None else _ceil_div(p_last + self.offset - left, keys.size)
+        whole_first = None if left is None else _ceil_div(d_last - left, keys.size)
         whole_stop = keys.count - 1 if keys.overlaps else None
         if right is not None:
-            below = (p_first + self.offset + right + 1) // keys.size
+            below = (d_first + right + 1) // keys.size
             whole_stop = below if whole_stop is None else minimum(xp, whole_stop, below)
         edge_trips = min(keys.count, self.rows.size // keys.size + 2)
         return bands(xp, first, stop, whole_first, whole_stop, trips, (edge_trips, edge_trips))
@@ -303,11 +312,15 @@ class Schedule:
         xp, rows, left, right = self.xp, self.rows, self.left, self.right
         k_first = k_index * self.keys.size  # nominal: the overlap is masked out
         k_last = minimum(xp, k_first + self.keys.size, self.kv_len) - 1
-        lo, hi = 0, self.q_len - 1  # inclusive query positions
+        # The rows whose diagonal is at the chunk's first and last key, as indices within
+        # this call's queries.
+        shift = self.k_start - self.q_start - self.offset
+        r_first, r_last = k_first + shift, k_last + shift
+        lo, hi = 0, self.q_len - 1  # inclusive query indices
         if right is not None:
-            lo = maximum(xp, lo, k_first - self.offset - right)
+            lo = maximum(xp, lo, r_first - right)
         if left is not None:
-            hi = minimum(xp, hi, k_last - self.offset + left)
+            hi = minimum(xp, hi, r_last + left)
         if self.q_max is not None:
             hi = minimum(xp, hi, self.q_max - 1)
         if self.folded:  # every row is at position 0
@@ -327,10 +340,10 @@ class Schedule:
             return [Band(first, stop, trips, masked=True)]
         # Whole blocks: every row's window holds the whole chunk; the overlapping last
         # block (its overlap is masked in the backward) and last key chunk are never whole.
-        whole_first = None if right is None else _ceil_div(k_last - self.offset - right, rows.size)
+        whole_first = None if right is None else _ceil_div(r_last - right, rows.size)
         whole_stop = rows.count - 1 if rows.overlaps else None
         if left is not None:
-            above = (k_first - self.offset + left + 1) // rows.size
+            above = (r_first + left + 1) // rows.size
             whole_stop = above if whole_stop is None else minimum(xp, whole_stop, above)
         if self.keys.overlaps:
             whole_stop = rows.count if whole_stop is None else whole_stop
@@ -389,6 +402,11 @@ def bands(xp, first, stop, whole_first, whole_stop, trips, edge_trips) -> list[B
         Band(mid_stop, stop, edge_trips[1], masked=True),
     ]
     return [b for b in candidates if not _same(b.lower, b.upper)]
+
+
+def plus(start, x):
+    """``start + x``, with no operation for the usual start 0."""
+    return x if isinstance(start, int) and start == 0 else start + x
 
 
 def _same(a, b) -> bool:
