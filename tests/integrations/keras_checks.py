@@ -19,12 +19,26 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
+import uniattn  # noqa: E402
 from conformance.tolerances import assert_close, assert_gradients_close  # noqa: E402
 from uniattn import reference  # noqa: E402
 from uniattn.integrations import keras as uk  # noqa: E402
 
 BACKEND = keras.backend.backend()
 RNG = np.random.default_rng(0)
+
+#: (query heads, key heads) of each uniattn.attention call: proof that uniattn computes,
+#: and that grouped-query attention reaches it without repeated key heads.
+CALLS = []
+_attention = uniattn.attention
+
+
+def _recorded(query, key, value, **kwargs):
+    CALLS.append((query.shape[-2], key.shape[-2]))
+    return _attention(query, key, value, **kwargs)
+
+
+uniattn.attention = _recorded
 
 
 def normal(*shape):
@@ -106,7 +120,9 @@ def check_layers():
         ("causal and padding", (x, x), {"attention_mask": padded, "use_causal_mask": True}),
         ("cross, causal and mask", (x, y), {"attention_mask": cross, "use_causal_mask": True}),
     ]:
+        CALLS.clear()
         close(ours(*args, **kwargs), ref(*args, **kwargs), f"MultiHeadAttention {what}")
+        assert CALLS == [(4, 4)], CALLS
     # return_attention_scores: Keras's own attention computes that call
     out, scores = ours(x, x, use_causal_mask=True, return_attention_scores=True)
     want, want_scores = ref(x, x, use_causal_mask=True, return_attention_scores=True)
@@ -137,7 +153,9 @@ def check_layers():
         x,
         x,
     )
+    CALLS.clear()
     close(gours(x, y, attention_mask=cross), gref(x, y, attention_mask=cross), "GQA cross, mask")
+    assert CALLS == [(4, 2)], CALLS  # the two kv heads, not repeated
     out, scores = gours(x, x, attention_mask=padded, return_attention_scores=True)
     want, want_scores = gref(x, x, attention_mask=padded, return_attention_scores=True)
     close(out, want, "GQA scores' output")
