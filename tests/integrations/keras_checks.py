@@ -27,14 +27,14 @@ from uniattn.integrations import keras as uk  # noqa: E402
 BACKEND = keras.backend.backend()
 RNG = np.random.default_rng(0)
 
-#: (query heads, key heads) of each uniattn.attention call: proof that uniattn computes,
-#: and that grouped-query attention reaches it without repeated key heads.
+#: (query rank, query heads, key heads) of each uniattn.attention call: proof that
+#: uniattn computes, and that grouped-query attention reaches it without repeated keys.
 CALLS = []
 _attention = uniattn.attention
 
 
 def _recorded(query, key, value, **kwargs):
-    CALLS.append((query.shape[-2], key.shape[-2]))
+    CALLS.append((len(query.shape), query.shape[-2], key.shape[-2]))
     return _attention(query, key, value, **kwargs)
 
 
@@ -122,7 +122,7 @@ def check_layers():
     ]:
         CALLS.clear()
         close(ours(*args, **kwargs), ref(*args, **kwargs), f"MultiHeadAttention {what}")
-        assert CALLS == [(4, 4)], CALLS
+        assert CALLS == [(4, 4, 4)], CALLS
     # return_attention_scores: Keras's own attention computes that call
     out, scores = ours(x, x, use_causal_mask=True, return_attention_scores=True)
     want, want_scores = ref(x, x, use_causal_mask=True, return_attention_scores=True)
@@ -155,7 +155,7 @@ def check_layers():
     )
     CALLS.clear()
     close(gours(x, y, attention_mask=cross), gref(x, y, attention_mask=cross), "GQA cross, mask")
-    assert CALLS == [(4, 2)], CALLS  # the two kv heads, not repeated
+    assert CALLS == [(4, 4, 2)], CALLS  # the two kv heads, not repeated
     out, scores = gours(x, x, attention_mask=padded, return_attention_scores=True)
     want, want_scores = gref(x, x, attention_mask=padded, return_attention_scores=True)
     close(out, want, "GQA scores' output")
@@ -187,7 +187,7 @@ def check_layers():
         )
 
 
-def build_model(layers, dropout=0.0, seq=6, features=16):
+def build_model(layers, dropout=0.0, seq=6, features=16, jit_compile="auto"):
     """Embedding-free decoder block: causal self-attention, then grouped-query attention."""
     mha = layers.MultiHeadAttention(num_heads=4, key_dim=4, dropout=dropout, seed=3)
     gqa = layers.GroupQueryAttention(
@@ -198,7 +198,7 @@ def build_model(layers, dropout=0.0, seq=6, features=16):
     h = h + gqa(h, h, use_causal_mask=True)
     outputs = keras.layers.Dense(features)(h)
     model = keras.Model(inputs, outputs)
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=jit_compile)
     return model
 
 
@@ -226,9 +226,16 @@ def check_training(tmp: Path):
     )
 
     # model.fit with dropout: two steps, a finite loss that changes
-    model = build_model(uk, dropout=0.1)
-    losses = model.fit(x, target, batch_size=4, epochs=2, verbose=0).history["loss"]
+    # With XLA on TensorFlow (its default on GPUs; "auto" is off on CPUs). Six examples
+    # in batches of 4 and 2: TensorFlow traces the step again with the batch size
+    # unknown, which uniattn meets one example at a time.
+    model = build_model(uk, dropout=0.1, jit_compile=BACKEND == "tensorflow" or "auto")
+    CALLS.clear()
+    x6, target6 = normal(6, 6, 16), normal(6, 6, 16)
+    losses = model.fit(x6, target6, batch_size=4, epochs=2, verbose=0).history["loss"]
     assert np.isfinite(losses).all() and losses[1] != losses[0], losses
+    if BACKEND == "tensorflow":
+        assert (3, 4, 4) in CALLS and (3, 4, 2) in CALLS, CALLS
 
     # Saving and loading keeps uniattn's layers and the outputs
     path = tmp / f"model-{BACKEND}.keras"
