@@ -31,6 +31,22 @@ def test_import_uniattn_imports_no_framework(tmp_path):
     assert json.loads(_run(code, tmp_path)) == []
 
 
+def test_integrations_import_their_library_only_when_used():
+    """``import uniattn`` and ``uniattn.integrations`` import no model library; the Flax
+    integration imports JAX (never Flax itself, whose modules only call it)."""
+    libraries = ("flax", "keras", "transformers", "jax", "torch", "tensorflow")
+    code = (
+        "import sys, json\n"
+        f"libraries = {libraries!r}\n"
+        "loaded = lambda: [m for m in libraries if m in sys.modules]\n"
+        "import uniattn, uniattn.integrations\n"
+        "before = loaded()\n"
+        "import uniattn.integrations.flax\n"
+        "print(json.dumps([before, loaded()]))"
+    )
+    assert json.loads(_run(code, Path(__file__).resolve().parents[1])) == [[], ["jax"]]
+
+
 def test_import_uniattn_pulls_in_only_the_standard_library(tmp_path):
     """Every top-level module ``import uniattn`` adds is uniattn or the standard library's;
     the entry points of other packages' backends are not read yet."""
