@@ -187,3 +187,14 @@ def test_speed_plot_leaves_a_backend_without_autodiff_blank(tmp_path):
     assert forward.axison and forward.get_lines()
     assert not gradient.axison and not gradient.get_lines()
     plt.close(fig)
+
+
+def test_ring_bench_counts_the_bytes_its_formula_states():
+    pytest.importorskip("torch")
+    from uniattn.bench import ring
+
+    lines = ring.measure(256, 2, "zigzag", repeats=1)
+    assert sorted(x["rank"] for x in lines) == [0, 1]
+    assert all(x["sent"] == ring.sent_formula(256, 2) for x in lines)
+    assert all(x["seconds"] > 0 for x in lines)
+    assert ring.work(4096, 8, "zigzag")[1] <= 1.05 < ring.work(4096, 8, "contiguous")[1]

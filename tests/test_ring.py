@@ -112,7 +112,7 @@ def test_chunk_pairs_counts_what_one_device_computes():
 # -- zigzag -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["numpy", "torch", "jax"])
 def test_zigzag_gives_each_shard_two_pieces(name):
-    from backends import harness
+    from uniattn.backends import harness
 
     h = harness(name)
     x = h.asarray(np.arange(32, dtype=np.float32).reshape(2, 16))
@@ -157,7 +157,7 @@ def _parts(h, layout="BTHD"):
 
 @pytest.mark.parametrize("layout", ["BTHD", "BHTD"])
 def test_merge_equals_attention_over_the_union(layout):
-    from backends import harness
+    from uniattn.backends import harness
 
     h = harness("numpy")
     _, whole, parts = _parts(h, layout)
@@ -181,7 +181,7 @@ def test_merge_keeps_rows_that_see_no_key():
 
 @pytest.mark.parametrize("name", ["torch", "jax"])
 def test_merge_is_differentiable(name):
-    from backends import harness
+    from uniattn.backends import harness
 
     h = harness(name)
     rng = np.random.default_rng(2)
@@ -226,7 +226,7 @@ def test_merge_errors():
 # -- errors -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["numpy", "tensorflow"])
 def test_ring_needs_a_framework_with_collectives(name):
-    from backends import harness
+    from uniattn.backends import harness
 
     h = harness(name)
     q = h.asarray(np.zeros((1, 4, 2, 8), np.float32))

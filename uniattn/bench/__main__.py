@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("memory", "speed", "scale", "tune", "masks", "backward")
+SUBCOMMANDS = ("memory", "speed", "scale", "tune", "masks", "backward", "ring")
 ALL = ("memory", "speed", "scale", "masks", "backward")
 SIZED = ("memory", "speed")  # the subcommands --n applies to
 ON_DEVICE = ("memory", "speed", "tune")  # ... and --device
