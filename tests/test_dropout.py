@@ -53,7 +53,7 @@ def test_rows_of_bits_look_uniform():
     i, j = np.arange(512, dtype=np.int32)[:, None], np.arange(1024, dtype=np.int32)[None, :]
     row = h.fmix(np.bitwise_xor(row_seeds, i))
     x = np.bitwise_xor(row, h.fmix(np.bitwise_xor(j, h.const["key_salt"]))) * h.const["final"]
-    x = np.bitwise_xor(x, h._shift(x, 15)).view(np.uint32)
+    x = x.view(np.uint32)
     for bit in range(32):
         assert _sigmas(np.mean((x >> np.uint32(bit)) & np.uint32(1)), 0.5, x.size) < 6, bit
 

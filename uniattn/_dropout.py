@@ -36,9 +36,8 @@ class Hash:
             ("final", FINAL),
             ("m1", _FMIX[0]),
             ("m2", _FMIX[1]),
-            ("sign", 2**31),
-            *((f"shift{k}", k) for k in (13, 15, 16)),
-            *((f"low{k}", 2 ** (32 - k) - 1) for k in (13, 15, 16)),
+            *((f"shift{k}", k) for k in (13, 16)),
+            *((f"low{k}", 2 ** (32 - k) - 1) for k in (13, 16)),
         ):
             self.const[name] = xp.asarray(_int32(value), dtype=xp.int32, device=device)
 
@@ -61,18 +60,20 @@ class Hash:
         return self.fmix(xp.bitwise_xor(self.fmix(xp.bitwise_xor(h, batch_index)), head_index))
 
     def kept(self, row_seeds, query_positions, key_positions, threshold: int):
-        """Where a probability is kept: ``x >= threshold`` as unsigned, for ``x`` the hash
-        of each (row, key) pair; ``threshold`` is ``ceil(rate * 2**32)``."""
+        """Where a probability is kept: ``x ^ 2**31 >= threshold`` as unsigned, for ``x``
+        the hash of each (row, key) pair; ``threshold`` is ``ceil(rate * 2**32)``.
+
+        Rows and keys are hashed apart (``[rows, 1]`` and ``[1, keys]``), so a block costs
+        three passes: an xor, a product and one comparison.
+        """
         xp, c = self.xp, self.const
         row = self.fmix(xp.bitwise_xor(row_seeds, query_positions))
         col = self.fmix(xp.bitwise_xor(key_positions, c["key_salt"]))
         x = xp.bitwise_xor(row, col) * c["final"]
-        x = xp.bitwise_xor(x, self._shift(x, 15))
         if threshold >= 2**32:  # a rate within 2**-32 of 1 keeps nothing
             return x != x
-        # Unsigned comparison in int32: flipping the sign bit maps [0, 2**32) onto int32
-        # in order.
-        return xp.bitwise_xor(x, c["sign"]) >= threshold - 2**31
+        # x ^ 2**31 as unsigned is in the order of x as signed int32.
+        return x >= threshold - 2**31
 
 
 def threshold(rate: float) -> int:

@@ -124,8 +124,12 @@ def dropout_keep(seed, rate: float, shape) -> np.ndarray:
 
         row(b, h, i) = fmix(fmix(fmix(fmix(seed ^ 0x243F6A88) ^ b) ^ h) ^ i)
         col(j)       = fmix(j ^ 0x85A308D3)
-        x            = (row ^ col) * 0x9E3779B1;  x ^= x >> 15
-        keep         = x >= ceil(rate * 2**32)
+        x            = (row ^ col) * 0x9E3779B1
+        keep         = (x ^ 0x80000000) >= ceil(rate * 2**32)
+
+    (The top bit flipped: read as a signed 32-bit integer, ``x`` is compared with
+    ``ceil(rate * 2**32) - 2**31``, which is how every framework's int32 computes it, in one
+    comparison.)
 
     ``seed`` is taken modulo 2**32; ``b`` is the flattened index of the batch axes, ``h``
     the query head, ``i`` and ``j`` the absolute query and key positions (bottom-right or
@@ -142,8 +146,7 @@ def dropout_keep(seed, rate: float, shape) -> np.ndarray:
         row = _fmix(u32(int(seed) % 2**32) ^ u32(0x243F6A88))
         row = _fmix(_fmix(_fmix(row ^ b) ^ h) ^ i)
         x = (row ^ _fmix(j ^ u32(0x85A308D3))) * u32(0x9E3779B1)
-        x ^= x >> u32(15)
-    return x >= math.ceil(rate * 2**32)
+    return (x ^ u32(0x80000000)) >= math.ceil(rate * 2**32)
 
 
 def _fmix(h):

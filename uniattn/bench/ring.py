@@ -47,8 +47,8 @@ def _worker(rank: int, size: int, port: int, n: int, sharding: str, repeats: int
     import torch.distributed as dist
 
     import uniattn
-    from uniattn.backends import _torch_ring
     from uniattn._measure import harness, timed_peak
+    from uniattn.backends import _torch_ring
 
     dist.init_process_group(
         "gloo",
