@@ -18,7 +18,7 @@ import pytest
 
 import uniattn
 from conformance.tolerances import TOLERANCES, gradient_scale, relative_error
-from uniattn._ring import chunk_pairs
+from uniattn._ring import scores_computed
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE = 600  # seconds for a whole multi-process run
@@ -89,7 +89,8 @@ def test_torch_ring_rejects_unequal_shards():
 # -- load balance -----------------------------------------------------------------------
 def _imbalance(sharding, size=8, n=2048, chunk=64):
     work = [
-        chunk_pairs(r, size, n, sharding=sharding, causal=True, chunk=chunk) for r in range(size)
+        scores_computed(r, size, n, sharding=sharding, causal=True, chunk=chunk)
+        for r in range(size)
     ]
     return max(work) / (sum(work) / size), work
 
@@ -101,12 +102,20 @@ def test_zigzag_balances_causal_work():
     assert 1.8 < contiguous <= 1.875, work  # 1.875 as chunks shrink: the last rank does 7.5 of 4
 
 
-def test_chunk_pairs_counts_what_one_device_computes():
+def test_scores_computed_counts_what_the_schedule_computes():
+    block = 64 * 64
     # One rank holds the whole sequence: causal attention over 4 chunks computes 4 + 3 + 2 + 1.
-    assert chunk_pairs(0, 1, 256, causal=True, chunk=64) == 10
-    assert chunk_pairs(0, 1, 256, chunk=64) == 16
+    assert scores_computed(0, 1, 256, causal=True, chunk=64) == 10 * block
+    assert scores_computed(0, 1, 256, chunk=64) == 16 * block
     # Two ranks, contiguous: rank 0 sees only its own keys, rank 1 all of rank 0's too.
-    assert [chunk_pairs(r, 2, 128, causal=True, chunk=64) for r in (0, 1)] == [3, 7]
+    assert [scores_computed(r, 2, 128, causal=True, chunk=64) for r in (0, 1)] == [
+        3 * block,
+        7 * block,
+    ]
+    # Zigzag, pieces of 64: rank 0 holds pieces 0 and 3, rank 1 pieces 1 and 2; each
+    # computes two diagonal blocks and three whole ones.
+    zigzag = [scores_computed(r, 2, 128, sharding="zigzag", causal=True, chunk=64) for r in (0, 1)]
+    assert zigzag == [5 * block, 5 * block]
 
 
 # -- zigzag -----------------------------------------------------------------------------

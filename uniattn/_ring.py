@@ -411,7 +411,7 @@ def unzigzag(x: Any, shards: int, axis: int) -> Any:
 
 
 # -- work -----------------------------------------------------------------------------------
-def chunk_pairs(
+def scores_computed(
     rank: int,
     size: int,
     n: int,
@@ -421,8 +421,9 @@ def chunk_pairs(
     window: tuple[int | None, int | None] | None = None,
     chunk: int = 512,
 ) -> int:
-    """How many ``chunk x chunk`` score blocks rank ``rank`` of ``size`` computes in the
-    forward ring over a sequence of ``n`` positions per rank, by the schedule the ring uses."""
+    """How many query-key scores rank ``rank`` of ``size`` computes in the forward ring
+    over ``n`` positions per rank: the area of the chunk pairs the ring's own schedule
+    computes (zigzag's pieces are half a shard, so its chunks may be smaller)."""
     import numpy as np
 
     left, right = (None, 0) if causal else (None, None)
@@ -447,8 +448,8 @@ def chunk_pairs(
                     q_start=a.start,
                     k_start=b.start,
                 )
+                block = schedule.rows.size * schedule.keys.size
                 for r in range(schedule.rows.count):
-                    total += sum(
-                        int(band.upper) - int(band.lower) for band in schedule.key_bands(r)
-                    )
+                    bands = schedule.key_bands(r)
+                    total += block * sum(int(band.upper) - int(band.lower) for band in bands)
     return total

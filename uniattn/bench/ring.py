@@ -3,8 +3,8 @@
 One sequence of fixed length (n 8192; ``--quick``: 2048), batch 1, 8 query heads over 2
 key/value heads, d 64, float32, causal, sharded contiguously and in zigzag. Per rank: the
 median time of a forward+backward pass, its peak memory above the inputs, and the bytes it
-sends (counted at the ring's ``shift``, against the formula); and the chunk pairs each rank
-computes (the ring's own schedule), busiest over mean. On a machine with fewer cores than
+sends (counted at the ring's ``shift``, against the formula); and the scores each rank
+computes (the chunk pairs of the ring's own schedule), busiest over mean. On a machine with fewer cores than
 processes the times show the ring's overheads, not its scaling.
 """
 
@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import numpy as np
 
-from uniattn._ring import chunk_pairs
+from uniattn._ring import scores_computed
 from uniattn.bench._common import MiB, Report
 
 SIZES = (1, 2, 4, 8)
@@ -34,12 +34,12 @@ def sent_formula(n: int, size: int) -> int:
 
 
 def work(n: int, size: int, sharding: str) -> tuple[int, float]:
-    """The busiest rank's chunk pairs, and busiest over mean."""
-    pairs = [
-        chunk_pairs(r, size, n // size, sharding=sharding, causal=True, chunk=CHUNK)
+    """The busiest rank's computed scores, and busiest over mean."""
+    scores = [
+        scores_computed(r, size, n // size, sharding=sharding, causal=True, chunk=CHUNK)
         for r in range(size)
     ]
-    return max(pairs), max(pairs) / (sum(pairs) / size)
+    return max(scores), max(scores) / (sum(scores) / size)
 
 
 def _worker(rank: int, size: int, port: int, n: int, sharding: str, repeats: int) -> None:
@@ -136,7 +136,7 @@ def run(names, quick: bool = False, full: bool = False) -> Report:
         "ring",
         f"ring attention, torch gloo processes on this host: n={n}, batch 1, {HEADS} heads over "
         f"{KV_HEADS} kv heads, d {D}, float32, causal; forward+backward per rank (median of "
-        f"{repeats}); work = {CHUNK}x{CHUNK} chunk pairs per rank",
+        f"{repeats}); work: scores in the chunk pairs computed (chunks of {CHUNK})",
         [
             "P",
             "sharding",
@@ -144,7 +144,7 @@ def run(names, quick: bool = False, full: bool = False) -> Report:
             "peak MiB per rank",
             "MiB sent per rank",
             "formula MiB",
-            "busiest rank's chunk pairs",
+            "busiest rank's scores (M)",
             "busiest / mean",
         ],
         raw={"n": n, "rows": []},
@@ -174,7 +174,7 @@ def run(names, quick: bool = False, full: bool = False) -> Report:
                     f"{row['peak'] / MiB:.1f}",
                     f"{row['sent'] / MiB:.2f}",
                     f"{row['formula'] / MiB:.2f}",
-                    str(busiest),
+                    f"{busiest / 1e6:.2f}",
                     f"{ratio:.3f}",
                 ]
             )
