@@ -17,8 +17,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
-@pytest.mark.parametrize("backend", ["jax", "torch", "tensorflow"])
-def test_keras_backend(backend, tmp_path):
+@pytest.mark.parametrize("keras_backend", ["jax", "torch", "tensorflow"])
+def test_keras_backend(keras_backend, tmp_path):
+    backend = keras_backend
     for module in ("keras", backend):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed")
