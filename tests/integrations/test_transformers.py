@@ -32,8 +32,8 @@ from transformers import (  # noqa: E402
     GptOssConfig,
     LlamaConfig,
     MistralConfig,
+    masking_utils,
 )
-from transformers import masking_utils  # noqa: E402
 
 NAME = uniattn_hf.register()
 BATCH, LENGTH, PAD = 2, 16, 5  # row 0 has PAD padding tokens on the left
@@ -505,5 +505,5 @@ def test_head_mask_and_bad_masks_raise():
         uniattn_hf.attention_forward(_Layer(), q, k, v, None, head_mask=torch.ones(4))
     with pytest.raises(ValueError, match="4-D tensor"):
         uniattn_hf.attention_forward(_Layer(), q, k, v, torch.ones(2, 7, dtype=torch.bool))
-    with pytest.raises(TypeError, match="StructuredMask, a torch.Tensor or None"):
+    with pytest.raises(TypeError, match=r"StructuredMask, a torch\.Tensor or None"):
         uniattn_hf.attention_forward(_Layer(), q, k, v, [[1]])
