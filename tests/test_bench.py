@@ -11,7 +11,7 @@ import pytest
 
 from uniattn import backends
 from uniattn._measure import gradients, in_fresh_process, interleaved_medians
-from uniattn.bench import peers, speed
+from uniattn.bench import models, peers, speed
 from uniattn.bench._common import Progress, Report, attention_flops, machine, ratio, too_big
 
 
@@ -187,3 +187,28 @@ def test_speed_plot_leaves_a_backend_without_autodiff_blank(tmp_path):
     assert forward.axison and forward.get_lines()
     assert not gradient.axison and not gradient.get_lines()
     plt.close(fig)
+
+
+def test_models_worker_steps_a_transformers_llama_through_uniattn():
+    pytest.importorskip("torch", reason="the models benchmark trains a PyTorch model")
+    pytest.importorskip("transformers", reason="the models benchmark runs transformers' Llama")
+    spec = {"backend": "torch", "impl": "uniattn", "n": 32, "repeats": 1}
+    lines = in_fresh_process("uniattn.bench.models:measure", spec, memory=True, timeout=300)
+    (line,) = [line for line in lines if "seconds" in line]
+    assert line["attn_implementation"] == "uniattn"
+    assert line["peak_bytes"] > 0 and line["seconds"] > 0
+
+
+def test_models_report_compares_with_eager_and_says_what_was_not_run():
+    lines = {
+        "eager": {"skipped": "needs ~9 GiB, 4 free"},
+        "sdpa": {"peak_bytes": 2 * 2**20, "seconds": 0.5},
+        "uniattn": {"peak_bytes": 2**20, "seconds": 1.0},
+    }
+    rows = models._rows(8192, lines)
+    assert rows[0][:3] == ["8192", "eager", "needs ~9 GiB, 4 free"]
+    assert rows[2][:4] == ["8192", "uniattn", "1.0", "1000"] and rows[2][4] == "—"
+    lines["eager"] = {"peak_bytes": 8 * 2**20, "seconds": 2.0}
+    assert models._rows(8192, lines)[2][4:] == ["8.00x", "2.00x"]
+    report = models.run(["numpy"], ns=[64])
+    assert not report.rows and "Not run" in report.notes[0]

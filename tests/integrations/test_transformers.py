@@ -357,23 +357,30 @@ def test_a_mask_function_transformers_vmaps_is_materialised():
 
 
 @pytest.mark.parametrize(
-    "offsets", [(0, 0, 7, 7), (9, 0, 3, 12), (9, 6, 3, 6)], ids=["prefill", "cache", "sliding"]
+    "offsets",
+    [(0, 0, 7, 7), (9, 0, 3, 12), (9, 6, 3, 6), (4, 0, 3, 10)],
+    ids=["prefill", "cache", "sliding-cache", "static-cache"],
 )
 def test_recognised_patterns_equal_transformers_dense_mask(offsets):
+    """Structure where the last query and the last key are one token (uniattn's causal
+    diagonal is then transformers'); a per-chunk callable where a static cache's empty
+    slots follow the queries."""
     q_offset, kv_offset, q_len, kv_len = offsets
+    aligned = q_offset + q_len == kv_offset + kv_len
     padding = torch.ones(2, kv_offset + kv_len, dtype=torch.bool)
     padding[0, :4] = False
     q, k, v = _qkv(q_len, kv_len)
+    bidi = masking_utils.bidirectional_mask_function
     for function in (
         masking_utils.causal_mask_function,
         masking_utils.sliding_window_causal_mask_function(4),
-        masking_utils.bidirectional_mask_function,
+        bidi,
     ):
         call = _mask_call(function, q_len, kv_len, q_offset, kv_offset, padding)
         structured = uniattn_hf.create_mask(**call)
         assert structured.pattern is not None
         keywords = structured.keywords(2, q_len, kv_len, q.device)
-        assert "mask" not in keywords
+        assert callable(keywords.get("mask")) == (not aligned and function is not bidi)
         dense = _dense(call)
         out, _ = uniattn_hf.attention_forward(_Layer(), q, k, v, structured)
         expected = _sdpa(q, k, v, dense)
