@@ -514,3 +514,24 @@ def test_head_mask_and_bad_masks_raise():
         uniattn_hf.attention_forward(_Layer(), q, k, v, torch.ones(2, 7, dtype=torch.bool))
     with pytest.raises(TypeError, match=r"StructuredMask, a torch\.Tensor or None"):
         uniattn_hf.attention_forward(_Layer(), q, k, v, [[1]])
+
+
+def test_a_bidirectional_encoder_with_right_padding_matches_eager():
+    """An encoder (BERT): no causal mask, padding keys masked."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=100,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = BertModel._from_config(config, attn_implementation="eager").eval()
+    ids, _ = _inputs()
+    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+    mask[1, -PAD:] = 0
+    valid = mask.bool()
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).last_hidden_state[valid]
+        model.set_attn_implementation(NAME)
+        actual = model(ids, attention_mask=mask).last_hidden_state[valid]
+    assert relative_error(actual.numpy(), expected.numpy()) <= TOLERANCES["float32"].forward

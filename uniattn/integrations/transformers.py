@@ -10,10 +10,16 @@ The mask function returns a :class:`StructuredMask` instead of a ``[batch, 1, q_
 array: causal attention, sliding windows and packed documents reach ``uniattn.attention`` as
 its ``causal``, ``window`` and ``segment_ids``, and padding as segment ids, so no
 ``q_len x kv_len`` array exists and the chunks a structure masks entirely are skipped. A
-pattern it does not recognise (a model's own ``or_mask_function``, chunked attention) becomes
-a callable ``mask`` that evaluates transformers' mask function one chunk at a time; only a
-pattern transformers must build with ``torch.vmap`` is materialised, as transformers' own
-``sdpa`` mask.
+pattern it does not recognise (chunked attention, a static cache's empty slots after the
+queries) becomes a callable ``mask`` that evaluates transformers' mask function one chunk
+at a time. Only a pattern that transformers itself evaluates with ``torch.vmap`` (a
+model's own ``or_mask_function`` or ``and_mask_function``, as multimodal models add) is
+materialised, as transformers' ``sdpa`` mask, and passed as a dense ``mask``.
+
+uniattn never forms the attention weights: ``output_attentions=True`` and a ``head_mask``
+raise a ValueError. The check reads the ``output_attentions`` keyword the attention
+function receives (transformers 5 passes a forward's own down), else the model's config;
+where a model passes neither down, its attentions come back as None, as with ``sdpa``.
 
 Importing this module imports neither torch nor transformers; :func:`register` does.
 """
