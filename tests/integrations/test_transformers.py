@@ -535,3 +535,16 @@ def test_a_bidirectional_encoder_with_right_padding_matches_eager():
         model.set_attn_implementation(NAME)
         actual = model(ids, attention_mask=mask).last_hidden_state[valid]
     assert relative_error(actual.numpy(), expected.numpy()) <= TOLERANCES["float32"].forward
+
+
+def test_register_says_what_is_missing_or_too_old(monkeypatch):
+    import sys
+
+    # The module ``import transformers`` finds now (transformers may have replaced its lazy
+    # module in sys.modules since this file imported it).
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.52.4")
+    with pytest.raises(ImportError, match=r"transformers >= 4\.53.*found 4\.52\.4"):
+        uniattn_hf.register("too-old")
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r"pip install 'uniattn\[transformers\]'"):
+        uniattn_hf.register("missing")
