@@ -5,11 +5,12 @@ transformers' ``eager`` (softmax of the full score matrix), ``sdpa`` (torch's
 :mod:`uniattn.integrations.transformers`), at n 4096 and 8192 (``--quick``: 1024 and
 2048; ``--n`` to choose). The model: 2 layers, hidden 256, 4 query heads on 2 key/value
 heads of d 64, MLP 512, vocabulary 1024, float32, batch 1, random weights (no download).
-A step is forward, the language-model loss and backward (no optimizer). Peak memory is the
-resident set above the model and its inputs, the step's time the median of 3 (``--quick``:
-2) after a warm-up step, each implementation and n in a fresh process
-(:func:`uniattn._measure.timed_peak`, with freed memory returned to the OS, so the times
-compare with each other, not with other tables).
+A step is forward, the language-model loss and backward (no optimizer). Each
+implementation and n is measured in two fresh processes after a warm-up step: one for the
+peak memory, the resident set above the model and its inputs
+(:func:`uniattn._measure.timed_peak`, with freed memory returned to the OS at once, which
+makes every large allocation fault its pages in afresh), and one without that setting for
+the time, the median of 3 steps (``--quick``: 2).
 """
 
 from __future__ import annotations
@@ -71,9 +72,12 @@ def run(
             if impl == "eager" and need > budget:
                 lines[impl] = {"skipped": f"needs ~{need / GiB:.0f} GiB, {budget / GiB:.0f} free"}
             else:
-                spec = {"backend": "torch", "impl": impl, "n": n, "repeats": repeats}
-                found = in_fresh_process(f"{__name__}:measure", spec, memory=True)
-                lines[impl] = next((line for line in found if "seconds" in line), found[-1])
+                lines[impl] = {}
+                for what in ("memory", "time"):
+                    spec = {"backend": "torch", "impl": impl, "n": n, "what": what}
+                    spec["repeats"] = repeats
+                    found = in_fresh_process(f"{__name__}:measure", spec, memory=what == "memory")
+                    lines[impl].update(next((x for x in found if what in x), found[-1]))
             progress.advance()
         report.raw["steps"][n] = lines
         report.rows += _rows(n, lines)
@@ -82,8 +86,9 @@ def run(
 
 
 def measure(backend, spec: dict) -> None:
-    """The fresh process's side: peak extra bytes and median seconds of one training step
-    with ``spec["impl"]`` at length ``spec["n"]``."""
+    """The fresh process's side: the peak extra bytes (``spec["what"]`` "memory") or the
+    median seconds ("time") of one training step with ``spec["impl"]`` at length
+    ``spec["n"]``."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -103,16 +108,17 @@ def measure(backend, spec: dict) -> None:
         return loss.detach()
 
     step()  # warm-up: first-call allocations, the parameters' gradient buffers
-    seconds, peak = timed_peak(backend, step, ())
-    if seconds < 30:  # cheap enough for a median
-        seconds = interleaved_medians({"step": step}, backend.block, spec["repeats"])["step"]
-    emit(
-        n=n,
-        impl=spec["impl"],
-        attn_implementation=model.config._attn_implementation,
-        peak_bytes=peak,
-        seconds=seconds,
-    )
+    result = {
+        "n": n,
+        "impl": spec["impl"],
+        "attn_implementation": model.config._attn_implementation,
+    }
+    if spec["what"] == "memory":
+        result["memory"] = timed_peak(backend, step, ())[1]
+    else:
+        repeats = spec["repeats"]
+        result["time"] = interleaved_medians({"s": step}, backend.block, repeats, warm=False)["s"]
+    emit(**result)
 
 
 def _rows(n: int, lines: dict) -> list[list[str]]:
@@ -120,7 +126,7 @@ def _rows(n: int, lines: dict) -> list[list[str]]:
     rows = []
     for impl in IMPLEMENTATIONS:
         line = lines.get(impl, {})
-        if "seconds" not in line:
+        if "memory" not in line and "time" not in line:
             why = line.get("skipped") or line.get("error") or "no result"
             rows.append([str(n), impl, why, "", "", ""])
             continue
@@ -128,10 +134,10 @@ def _rows(n: int, lines: dict) -> list[list[str]]:
             [
                 str(n),
                 impl,
-                mib(line["peak_bytes"]),
-                ms(line["seconds"]),
-                ratio(eager.get("peak_bytes"), line["peak_bytes"]),
-                ratio(eager.get("seconds"), line["seconds"]),
+                mib(line.get("memory")),
+                ms(line.get("time")),
+                ratio(eager.get("memory"), line.get("memory")),
+                ratio(eager.get("time"), line.get("time")),
             ]
         )
     return rows
