@@ -11,7 +11,7 @@ import pytest
 
 from uniattn import backends
 from uniattn._measure import gradients, in_fresh_process, interleaved_medians
-from uniattn.bench import peers, speed
+from uniattn.bench import models, peers, speed
 from uniattn.bench._common import Progress, Report, attention_flops, machine, ratio, too_big
 
 
@@ -198,3 +198,28 @@ def test_ring_bench_counts_the_bytes_its_formula_states():
     assert all(x["sent"] == ring.sent_formula(256, 2) for x in lines)
     assert all(x["seconds"] > 0 for x in lines)
     assert ring.work(4096, 8, "zigzag")[1] <= 1.05 < ring.work(4096, 8, "contiguous")[1]
+
+
+def test_models_worker_steps_a_transformers_llama_through_uniattn():
+    pytest.importorskip("torch", reason="the models benchmark trains a PyTorch model")
+    pytest.importorskip("transformers", reason="the models benchmark runs transformers' Llama")
+    spec = {"backend": "torch", "impl": "uniattn", "n": 32, "what": "memory", "repeats": 1}
+    lines = in_fresh_process("uniattn.bench.models:measure", spec, memory=True, timeout=300)
+    (line,) = [line for line in lines if "memory" in line]
+    assert line["attn_implementation"] == "uniattn"
+    assert line["memory"] > 0  # the gradients' buffers, at least
+
+
+def test_models_report_compares_with_eager_and_says_what_was_not_run():
+    lines = {
+        "eager": {"skipped": "needs ~9 GiB, 4 free"},
+        "sdpa": {"memory": 2 * 2**20, "time": 0.5},
+        "uniattn": {"memory": 2**20, "time": 1.0},
+    }
+    rows = models._rows(8192, lines)
+    assert rows[0][:3] == ["8192", "eager", "needs ~9 GiB, 4 free"]
+    assert rows[2][:4] == ["8192", "uniattn", "1.0", "1000"] and rows[2][4] == "—"
+    lines["eager"] = {"memory": 8 * 2**20, "time": 2.0}
+    assert models._rows(8192, lines)[2][4:] == ["8.00x", "2.00x"]
+    report = models.run(["numpy"], ns=[64])
+    assert not report.rows and "Not run" in report.notes[0]

@@ -47,6 +47,20 @@ def test_integrations_import_their_library_only_when_used():
     assert json.loads(_run(code, Path(__file__).resolve().parents[1])) == [[], ["jax"]]
 
 
+#: Model libraries uniattn.integrations plugs into (and the frameworks they load).
+MODEL_LIBRARIES = ("transformers", "flax", "keras", "safetensors", "huggingface_hub")
+
+
+def test_import_integrations_imports_no_model_library_or_framework(tmp_path):
+    """The integrations import their library when used, not when imported."""
+    code = (
+        "import sys, json, uniattn.integrations, uniattn.integrations.transformers\n"
+        f"watched = {FRAMEWORKS + ARRAY_LIBRARIES + MODEL_LIBRARIES!r}\n"
+        "print(json.dumps([m for m in watched if m in sys.modules]))"
+    )
+    assert json.loads(_run(code, tmp_path)) == []
+
+
 def test_import_uniattn_pulls_in_only_the_standard_library(tmp_path):
     """Every top-level module ``import uniattn`` adds is uniattn or the standard library's;
     the entry points of other packages' backends are not read yet."""
@@ -128,6 +142,7 @@ def test_wheel_installs_backends_inside_uniattn(tmp_path):
     assert "uniattn/backends/tensorflow.py" in names
     assert "uniattn/backends/array_api.py" in names
     assert "uniattn/bench/__main__.py" in names
+    assert "uniattn/integrations/transformers.py" in names
     assert not [n for n in names if n.startswith("backends/")], names
 
 

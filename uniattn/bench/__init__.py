@@ -16,7 +16,8 @@ Subcommands (each module's docstring gives its settings):
 - ``tune``: the chunk-size sweep behind the default chunk sizes.
 - ``masks``: what skipping fully masked chunks saves; decoding.
 - ``backward``: the custom backward against differentiating the forward.
-- ``all``: memory, speed, scale, masks and backward, in that order.
+- ``models``: a training step of a small Llama in transformers: eager, sdpa, uniattn.
+- ``all``: memory, speed, scale, masks, backward and models, in that order.
 
 Importing this package imports no framework.
 """

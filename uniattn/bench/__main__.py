@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("memory", "speed", "scale", "tune", "masks", "backward", "ring")
-ALL = ("memory", "speed", "scale", "masks", "backward")
-SIZED = ("memory", "speed")  # the subcommands --n applies to
+SUBCOMMANDS = ("memory", "speed", "scale", "tune", "masks", "backward", "models", "ring")
+ALL = ("memory", "speed", "scale", "masks", "backward", "models", "ring")
+SIZED = ("memory", "speed", "models")  # the subcommands --n applies to
 ON_DEVICE = ("memory", "speed", "tune")  # ... and --device
 
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
         "--n",
         type=int,
         action="append",
-        help="sequence length to measure instead of the defaults (repeatable; memory, speed)",
+        help="sequence length to measure instead of the defaults (repeatable; memory, speed, models)",
     )
     parser.add_argument(
         "--device",

@@ -1,1 +1,6 @@
-"""Drop-in attention for model libraries: each module imports its library only when used."""
+"""uniattn inside model libraries (Hugging Face transformers, Flax, Keras).
+
+Each submodule plugs uniattn into one library through the seam that library offers for
+attention. Importing this package imports no library; a submodule imports its library only
+when it is used.
+"""
