@@ -152,10 +152,30 @@ class Backend:
         raise NotImplementedError(f"{self.name} has no autodiff")
 
     # -- optional performance hooks ----------------------------------------------------
-    def matmul_transposed(self, a: Any, b: Any) -> Any:
-        """``a @ bᵀ`` over the last two axes: the score product of queries and keys."""
+    def multiplies_16bit(self, device: Any) -> bool:
+        """Whether :meth:`matmul` multiplies float16 and bfloat16 operands on ``device``
+        into a float32 result with float32 accumulation faster than float32 operands.
+
+        Where it does, the algorithm hands it the 16-bit inputs as they are and rounds its
+        float32 operands (probabilities, score gradients, scaled queries) to the inputs'
+        dtype, as FlashAttention does; elsewhere it lifts every operand to float32 once. The
+        default is False.
+        """
+        return False
+
+    def matmul(self, a: Any, b: Any, *, transposed: bool = False) -> Any:
+        """``a @ b`` (``a @ bᵀ`` if ``transposed``) over the last two axes, batch axes
+        broadcast, for operands of one dtype: every product of the algorithm.
+
+        16-bit operands give a float32 result with float32 accumulation. The default
+        lifts them to float32 first (exact products); an adapter whose framework has a
+        16-bit product into float32 (tensor cores) uses it and says so in
+        :meth:`multiplies_16bit`.
+        """
         xp = self.namespace()
-        return xp.matmul(a, xp.matrix_transpose(b))
+        if self.dtype_name(a) in ("float16", "bfloat16"):
+            a, b = xp.astype(a, xp.float32), xp.astype(b, xp.float32)
+        return xp.matmul(a, xp.matrix_transpose(b) if transposed else b)
 
     def exp_shifted(self, s: Any, shift: Any) -> Any:
         """``exp(s - shift)`` to a few ulp. ``s`` is a temporary the caller never reads

@@ -92,14 +92,23 @@ class JaxBackend(Backend):
         return jax.vjp(fn, *primals)
 
     # -- performance hooks (docs/backends.md) ------------------------------------------
-    def matmul_transposed(self, a, b):
+    def multiplies_16bit(self, device):
+        return True  # dot_general with preferred_element_type, on every platform
+
+    def matmul(self, a, b, *, transposed=False):
+        # 16-bit operands multiply as they are into float32 (tensor cores on GPUs),
+        # rather than lifted first.
+        wide = jnp.float32 if a.dtype in (jnp.bfloat16, jnp.float16) else None
+        if not transposed:
+            return jnp.matmul(a, b, preferred_element_type=wide)
         # Contract both last axes, with the batch axes flattened to one: XLA would copy a
         # transposed b, and lay out the unit axes of the canonical layout permuted, then
         # copy every score block.
         if a.shape[:-2] != b.shape[:-2]:
-            return jnp.einsum("...qd,...kd->...qk", a, b)
+            return jnp.einsum("...qd,...kd->...qk", a, b, preferred_element_type=wide)
         flat = [x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:]) for x in (a, b)]
-        return jnp.einsum("bqd,bkd->bqk", *flat).reshape(*a.shape[:-1], b.shape[-2])
+        product = jnp.einsum("bqd,bkd->bqk", *flat, preferred_element_type=wide)
+        return product.reshape(*a.shape[:-1], b.shape[-2])
 
     def chunks(self, stacked):
         return _Flat(stacked)

@@ -20,6 +20,31 @@ xp = types.SimpleNamespace(
 xp.matmul = torch.matmul
 
 
+# torch.bmm(..., out_dtype=torch.float32): 16-bit operands into a float32 result with
+# float32 accumulation, on CUDA from torch 2.8 (its CPU build has no such kernel).
+_BMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _bmm_float32(a, b, bmm=torch.bmm):
+    """``a @ b`` of 16-bit operands as float32, by ``bmm(.., out_dtype=torch.float32)``
+    (3-D only), batch axes broadcast.
+
+    A key or value chunk broadcast over its group of query heads (axis -3 of 1) is
+    multiplied once, with the group folded into the rows, rather than copied per head.
+    """
+    if a.ndim >= 3 and b.ndim == a.ndim and b.shape[-3] == 1 and a.shape[-3] != 1:
+        groups, rows = a.shape[-3], a.shape[-2]
+        folded = a.reshape(*a.shape[:-3], groups * rows, a.shape[-1])
+        out = _bmm_float32(folded, b.squeeze(-3), bmm)
+        return out.reshape(*a.shape[:-3], groups, rows, out.shape[-1])
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    flat_a = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+    flat_b = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    out = bmm(flat_a, flat_b, out_dtype=torch.float32)
+    return out.reshape(*batch, *out.shape[-2:])
+
+
 def _needs_grad(args):
     return torch.is_grad_enabled() and any(
         isinstance(a, torch.Tensor) and a.requires_grad for a in args
@@ -105,6 +130,20 @@ class TorchBackend(Backend):
             return tuple(next(grads) if p.requires_grad else None for p in primals)
 
         return out, vjp_fn
+
+    def multiplies_16bit(self, device):
+        return device.type == "cuda" and _BMM_OUT_DTYPE
+
+    def matmul(self, a, b, *, transposed=False):
+        if transposed:
+            b = b.transpose(-1, -2)
+        if a.dtype in _HALF:
+            # Autograd through the out_dtype product is not relied on: backward="autodiff"
+            # (operands that need a gradient) multiplies lifted operands.
+            if a.is_cuda and _BMM_OUT_DTYPE and not _needs_grad((a, b)):
+                return _bmm_float32(a, b)
+            a, b = a.float(), b.float()
+        return torch.matmul(a, b)
 
     def exp_shifted(self, s, shift):
         if s.requires_grad:  # autograd may need s: out of place
