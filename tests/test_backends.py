@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ast
-import re
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
