@@ -151,6 +151,24 @@ class Backend:
         primal and is called once."""
         raise NotImplementedError(f"{self.name} has no autodiff")
 
+    # -- the framework's own fused kernel ---------------------------------------------
+    def fused(self, call: Any, arrays: Any) -> Callable[..., Any] | str:
+        """The framework's own fused attention kernel for a call, or why it has none.
+
+        ``call`` (:class:`uniattn._fused.FusedCall`) describes the call statically, with
+        ``call.reason`` set where an option of it has no fused equivalent; ``arrays``
+        (:class:`uniattn._algorithm.Operands`, in the user's layout) tell what only they
+        can: their device, whether autodiff watches the bias. Returns
+        ``kernel(q, k, v, bias, mask) -> out``, the output in the user's layout and dtype,
+        computing exactly uniattn's result for finite inputs (uniattn takes the chunked
+        algorithm for the others), differentiable by the framework's autodiff, and the
+        same function for equal ``call`` (staged functions are cached on it); or a
+        sentence saying why not: the framework's own first reason (no kernel on this
+        device), then ``call.reason``, then what its kernel lacks. The default has no
+        kernel.
+        """
+        return f"{self.name} has no fused attention kernel"
+
     # -- optional performance hooks ----------------------------------------------------
     def multiplies_16bit(self, device: Any) -> bool:
         """Whether :meth:`matmul` multiplies float16 and bfloat16 operands on ``device``

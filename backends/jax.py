@@ -92,6 +92,29 @@ class JaxBackend(Backend):
         return jax.vjp(fn, *primals)
 
     # -- performance hooks (docs/backends.md) ------------------------------------------
+    def fused(self, call, arrays):
+        if not _nvidia_gpu():
+            return (
+                "JAX's fused attention (jax.nn.dot_product_attention with cuDNN) runs on "
+                f"NVIDIA GPUs; JAX's default backend here is {jax.default_backend()}"
+            )
+        if call.reason is not None:
+            return call.reason
+        if call.dtype not in ("float16", "bfloat16"):
+            return f"dtype {call.dtype}: cuDNN's attention takes float16 and bfloat16"
+        if call.bias or call.mask:
+            return (
+                "a bias or mask: cuDNN's attention is not known to give 0 on a row the mask "
+                "switches off entirely, as uniattn does"
+            )
+        if call.causal == "bottom_right":
+            return "bottom-right causal with q_len < kv_len: jax.nn's causal mask is top-left"
+        if call.d_k != call.d_v:
+            return f"d_v {call.d_v} != d_k {call.d_k}: jax.nn.dot_product_attention takes one"
+        if call.d_k % 8 or call.d_k > 128:
+            return f"d_k {call.d_k}: cuDNN's attention takes multiples of 8 up to 128"
+        return _cudnn(call.layout, call.scale, call.causal == "top_left")
+
     def multiplies_16bit(self, device):
         return True  # dot_general with preferred_element_type, on every platform
 
@@ -133,6 +156,35 @@ class JaxBackend(Backend):
             return fn(*sanitize(*args[:n]), *args[n:])
 
         return self.cond(pred, fn, safe, (*operands, *passed))
+
+
+def _nvidia_gpu() -> bool:
+    """Whether JAX's default device is an NVIDIA GPU (cuDNN's)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and "nvidia" in device.device_kind.lower()
+
+
+_CUDNN_KERNELS: dict = {}
+
+
+def _cudnn(layout, scale, causal):
+    """``jax.nn.dot_product_attention`` with cuDNN, on the user's layout and batch axes."""
+    key = (layout, scale, causal)
+    if key not in _CUDNN_KERNELS:
+
+        def kernel(q, k, v, bias, mask):
+            if layout == "BHTD":  # jax.nn takes [batch, length, heads, dim]
+                q, k, v = (jnp.swapaxes(x, -3, -2) for x in (q, k, v))
+            batch = q.shape[:-3]
+            q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (q, k, v))
+            out = jax.nn.dot_product_attention(
+                q, k, v, scale=scale, is_causal=causal, implementation="cudnn"
+            )
+            out = out.reshape(*batch, *out.shape[-3:])
+            return jnp.swapaxes(out, -3, -2) if layout == "BHTD" else out
+
+        _CUDNN_KERNELS[key] = kernel
+    return _CUDNN_KERNELS[key]
 
 
 @jax.tree_util.register_pytree_node_class
