@@ -53,7 +53,8 @@ once, except where the adapter multiplies 16-bit operands into float32 itself
 (``Backend.multiplies_16bit``): then q, k, v and dO stay 16-bit and the float32 operands
 (scaled queries, probabilities, score gradients) are rounded to the inputs' dtype before
 their product, as FlashAttention does. Scores, softmax statistics and accumulators are
-float32 either way.
+float32 either way. A forward the framework differentiates itself (``remat``) keeps float32
+products: its autodiff would round the cotangents of 16-bit operands to 16 bits.
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def forward(backend: Any, ops: Operands, *, options: Options, remat=True):
     ``remat`` each chunk's intermediates are recomputed when the framework differentiates
     through the loops.
     """
-    c = _Context(backend, ops, options)
+    # Differentiated by the framework (remat), products stay float32: autodiff would round
+    # the cotangents of 16-bit operands to 16 bits (dP, summed into a broadcast d_bias).
+    c = _Context(backend, ops, options, narrow=not remat)
     xp = c.xp
     q, k, v = ops.q, ops.k, ops.v
     if c.empty:
@@ -369,14 +372,14 @@ class _Context:
     head.
     """
 
-    def __init__(self, backend, ops: Operands, options: Options):
+    def __init__(self, backend, ops: Operands, options: Options, narrow: bool = True):
         self.backend, self.options = backend, options
         self.xp = xp = backend.namespace()
         q, k = ops.q, ops.k
         self.device = backend.device(q)
         self.acc_dtype = xp.float64 if q.dtype == xp.float64 else xp.float32
         # The dtype of every product's operands (see the module's docstring).
-        narrow = backend.dtype_name(q) in ("float16", "bfloat16")
+        narrow = narrow and backend.dtype_name(q) in ("float16", "bfloat16")
         narrow = narrow and backend.multiplies_16bit(self.device)
         self.operand_dtype = q.dtype if narrow else self.acc_dtype
         self.q_len, self.kv_len = q.shape[-2], k.shape[-2]
