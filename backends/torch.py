@@ -224,7 +224,8 @@ def _bhtd(x, layout):
     """``x`` as SDPA takes it: ``[batch, heads, length, dim]`` (views where they can be)."""
     if layout == "BTHD":
         x = x.transpose(-3, -2)
-    return x.reshape(-1, *x.shape[-3:])
+    x = x.reshape(-1, *x.shape[-3:])
+    return x if x.stride(-1) == 1 else x.contiguous()  # the kernels read rows contiguously
 
 
 def _flat_batch(x, batch):
@@ -264,6 +265,8 @@ def _sdpa(call):
         attn_mask = bias if bias is not None else mask
         if attn_mask is not None:
             attn_mask = _flat_batch(attn_mask, batch)
+            if attn_mask.stride(-1) not in (0, 1):
+                attn_mask = attn_mask.contiguous()
         if causal == "bottom_right":
             attn_mask = causal_lower_right(q.shape[-2], k.shape[-2])
         with sdpa_kernel(kernels):

@@ -195,3 +195,14 @@ def test_gradients_through_the_kernel_match_the_chunked_ones():
             torch.testing.assert_close(a, b)
     for a, b in zip(fused, grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_views_with_strided_last_axes_are_eligible():
+    """The kernels read rows contiguously: views whose last axis is strided (a q, k, v
+    sliced along the head dimension, a transposed mask) are copied for them, not refused."""
+    q, k, v = (torch.cat([x, x], dim=-1)[..., ::2] for x in tensors())
+    mask = bool_mask().T.contiguous().T
+    for kwargs in ({}, {"mask": mask}):
+        out = uniattn.attention(q, k, v, implementation="fused", **kwargs)
+        want = uniattn.attention(q, k, v, implementation="chunked", **kwargs)
+        torch.testing.assert_close(out, want)
