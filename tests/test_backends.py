@@ -170,12 +170,18 @@ def _matrix_products(hlo: str) -> list[tuple[str, str, str]]:
     return found
 
 
-def test_jax_multiplies_bfloat16_operands_into_float32():
-    """Every matrix product of a bfloat16 call, forward and backward, is a dot_general of
-    two bfloat16 operands into float32 (tensor cores on GPUs), not of lifted float32
-    operands."""
+def test_jax_multiplies_bfloat16_operands_into_float32(monkeypatch):
+    """Where JAX multiplies 16-bit operands (``multiplies_16bit``: on GPUs and TPUs), every
+    matrix product of a bfloat16 call, forward and backward, lowers to a dot_general of two
+    bfloat16 operands into float32 (tensor cores), not of lifted float32 operands. Lowered
+    on the CPU as a GPU would get it, not run: XLA:CPU lifts them."""
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
+    from uniattn.backends.jax import JaxBackend
+
+    if jax.default_backend() == "cpu":
+        assert not JaxBackend().multiplies_16bit(None)
+    monkeypatch.setattr(JaxBackend, "multiplies_16bit", lambda self, device: True)
     q = jnp.ones((1, 64, 4, 16), jnp.bfloat16)
     kv = jnp.ones((1, 64, 2, 16), jnp.bfloat16)
 

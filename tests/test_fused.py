@@ -206,3 +206,44 @@ def test_views_with_strided_last_axes_are_eligible():
         out = uniattn.attention(q, k, v, implementation="fused", **kwargs)
         want = uniattn.attention(q, k, v, implementation="chunked", **kwargs)
         torch.testing.assert_close(out, want)
+
+
+def test_jax_kernel_on_the_users_layout_and_batch_axes(monkeypatch):
+    """JAX's cuDNN path, checked on the CPU with XLA's implementation in cuDNN's place: the
+    layouts, batch axes, grouped heads and top-left causal reach jax.nn as it expects, the
+    output and uniattn.vjp's gradients are the chunked ones, and a non-finite input takes
+    the chunked algorithm inside the same compiled function (lax.cond)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    from uniattn.backends import jax as adapter
+
+    dot_product_attention = jax.nn.dot_product_attention
+
+    def on_xla(*args, implementation=None, **kwargs):
+        assert implementation == "cudnn"
+        return dot_product_attention(*args, **kwargs)
+
+    monkeypatch.setattr(adapter, "_nvidia_gpu", lambda: True)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", on_xla)
+    adapter._CUDNN_KERNELS.clear()  # kernels look jax.nn up when they run; none is cached
+    g = np.random.default_rng(0)
+    q = jnp.asarray(g.standard_normal((2, 3, 12, 4, 8)), jnp.bfloat16)  # two batch axes
+    kv = jnp.asarray(g.standard_normal((2, 3, 16, 2, 8)), jnp.bfloat16)
+    for layout in ("BTHD", "BHTD"):
+        args = [q, kv, kv] if layout == "BTHD" else [jnp.swapaxes(x, -3, -2) for x in (q, kv, kv)]
+        options = dict(causal="top_left", layout=layout)
+        out = uniattn.attention(*args, implementation="fused", **options)
+        want = uniattn.attention(*args, implementation="chunked", **options)
+        np.testing.assert_allclose(np.float32(out), np.float32(want), atol=2e-2)
+        d_out = jnp.ones_like(out)
+        fused = uniattn.vjp(*args, implementation="fused", **options)[1](d_out)
+        chunked = uniattn.vjp(*args, implementation="chunked", **options)[1](d_out)
+        for a, b in zip(fused, chunked, strict=True):
+            np.testing.assert_allclose(np.float32(a), np.float32(b), atol=5e-2)
+    with pytest.raises(ValueError, match="takes float16 and bfloat16"):
+        wide = kv.astype(jnp.float32)
+        uniattn.attention(q.astype(jnp.float32), wide, wide, implementation="fused")
+    bad = kv.at[:, :, 9].set(jnp.nan)  # key 9: causally seen by rows 9.. only
+    out = uniattn.attention(q, bad, bad, causal="top_left", implementation="fused")
+    nan_rows = np.isnan(np.float32(out)).any(axis=(-1, -2))
+    assert nan_rows[..., 9:].all() and not nan_rows[..., :9].any()
