@@ -202,7 +202,9 @@ def vjp(query: Any, key: Any, value: Any, **keywords: Any) -> tuple[Any, Callabl
     ``sinks`` are given, each shaped and typed like its input. With ``return_lse=True`` the output is ``(out, lse)`` and ``vjp_fn`` takes
     ``(d_out, d_lse)``. With ``backward="custom"`` (default) the gradients come from
     uniattn's own backward on every backend, NumPy included; with "autodiff" from the
-    framework's autodiff (not NumPy).
+    framework's autodiff (not NumPy). Where the call runs the framework's fused kernel
+    (``implementation``), they come from the framework's autodiff of that kernel, which
+    must then compute every gradient returned (torch's CPU kernel has none for a bias).
 
     Examples
     --------

@@ -130,8 +130,9 @@ def _causal(left, right, q_len, kv_len) -> tuple[str | None, str | None]:
     offset = kv_len - q_len + right  # row i sees keys j <= i + offset
     if offset < 0:
         return None, (
-            f"the first {-offset} query rows see no key (causal with q_len > kv_len), and "
-            "must give 0, where the fused kernels give NaN or the mean of the values"
+            f"the first {-offset} query rows see no key (causal with q_len > kv_len): uniattn "
+            "gives them 0; the fused kernels' causal masks are top-left, and some give NaN "
+            "or the mean of the values on such rows"
         )
     if offset == 0:
         return "top_left", None
