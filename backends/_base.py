@@ -151,11 +151,49 @@ class Backend:
         primal and is called once."""
         raise NotImplementedError(f"{self.name} has no autodiff")
 
+    # -- the framework's own fused kernel ---------------------------------------------
+    def fused(self, call: Any, arrays: Any) -> Callable[..., Any] | str:
+        """The framework's own fused attention kernel for a call, or why it has none.
+
+        ``call`` (:class:`uniattn._fused.FusedCall`) describes the call statically, with
+        ``call.reason`` set where an option of it has no fused equivalent; ``arrays``
+        (:class:`uniattn._algorithm.Operands`, in the user's layout) tell what only they
+        can: their device, whether autodiff watches the bias. Returns
+        ``kernel(q, k, v, bias, mask) -> out``, the output in the user's layout and dtype,
+        computing exactly uniattn's result for finite inputs (uniattn takes the chunked
+        algorithm for the others), differentiable by the framework's autodiff, and the
+        same function for equal ``call`` (staged functions are cached on it); or a
+        sentence saying why not: the framework's own first reason (no kernel on this
+        device), then ``call.reason``, then what its kernel lacks. The default has no
+        kernel.
+        """
+        return f"{self.name} has no fused attention kernel"
+
     # -- optional performance hooks ----------------------------------------------------
-    def matmul_transposed(self, a: Any, b: Any) -> Any:
-        """``a @ bᵀ`` over the last two axes: the score product of queries and keys."""
+    def multiplies_16bit(self, device: Any) -> bool:
+        """Whether :meth:`matmul` multiplies float16 and bfloat16 operands on ``device``
+        into a float32 result with float32 accumulation faster than float32 operands.
+
+        Where it does, the algorithm hands it the 16-bit inputs as they are and rounds its
+        float32 operands (probabilities, score gradients, scaled queries) to the inputs'
+        dtype, as FlashAttention does; elsewhere it lifts every operand to float32 once. The
+        default is False.
+        """
+        return False
+
+    def matmul(self, a: Any, b: Any, *, transposed: bool = False) -> Any:
+        """``a @ b`` (``a @ bᵀ`` if ``transposed``) over the last two axes, batch axes
+        broadcast, for operands of one dtype: every product of the algorithm.
+
+        16-bit operands give a float32 result with float32 accumulation. The default
+        lifts them to float32 first (exact products); an adapter whose framework has a
+        16-bit product into float32 (tensor cores) uses it and says so in
+        :meth:`multiplies_16bit`.
+        """
         xp = self.namespace()
-        return xp.matmul(a, xp.matrix_transpose(b))
+        if self.dtype_name(a) in ("float16", "bfloat16"):
+            a, b = xp.astype(a, xp.float32), xp.astype(b, xp.float32)
+        return xp.matmul(a, xp.matrix_transpose(b) if transposed else b)
 
     def exp_shifted(self, s: Any, shift: Any) -> Any:
         """``exp(s - shift)`` to a few ulp. ``s`` is a temporary the caller never reads

@@ -40,7 +40,8 @@ from hypothesis import HealthCheck, settings
 
 from uniattn import backends
 
-from .cases import CASES
+from . import harness
+from .cases import CASES, WIDE
 from .xfails import NEEDS_DTYPE, SKIPS, XFAILS
 
 # array-api-strict's strictest settings (its environment variables: subprocesses inherit
@@ -132,6 +133,15 @@ def pytest_addoption(parser):
         help="run every case and parameter on Dask, not the representative part (DASK_CASES)",
     )
     parser.addoption(
+        "--implementation",
+        choices=["chunked", "fused", "default"],
+        default="chunked",
+        help="the implementation the case table's calls ask for: uniattn's chunked algorithm "
+        "(default), the framework's fused kernel (cases it cannot compute are skipped with "
+        "the reason), or the default choice (implementation=None); test_fused.py runs the "
+        "fused path in float32 and float64 (every dtype on an accelerator) whatever this says",
+    )
+    parser.addoption(
         "--device",
         default=None,
         help="the framework's name of the device to put the inputs on, e.g. cuda, gpu, "
@@ -168,6 +178,12 @@ def use_strictest_flags() -> None:
 
 
 def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "needs_fused: runs on backends with a fused attention kernel on the inputs' device",
+    )
+    chosen = config.getoption("implementation")
+    harness.IMPLEMENTATION = None if chosen == "default" else chosen
     if config.getoption("array_api_strict_flags") == "strictest":
         use_strictest_flags()
     config.uniattn_backends = selected_backends(config)
@@ -221,6 +237,9 @@ def pytest_generate_tests(metafunc):
     marks = getattr(metafunc.function, "pytestmark", [])
     if any(m.name == "needs_autodiff" for m in marks):
         loaded = [b for b in loaded if b.has_autodiff]
+    fused = metafunc.definition.get_closest_marker("needs_fused") is not None
+    if fused:
+        loaded = [b for b in loaded if has_fused_kernel(b)]
     if "case" in fixtures:
         # One xdist group per (backend, case, dtype): its tests then share compilations.
         params = [
@@ -234,11 +253,38 @@ def pytest_generate_tests(metafunc):
             for b in loaded
             for case in CASES.values()
             for dtype in case.dtypes
-            if dtype in b.dtypes and _runs(metafunc.config, b, case, dtype)
+            if dtype in b.dtypes
+            and _runs(metafunc.config, b, case, dtype)
+            and (not fused or dtype in WIDE or b.array_platform() != "cpu")
         ]
+        if fused and not params:
+            reason = "no selected backend has a fused attention kernel on its arrays' device"
+            params = [pytest.param(None, None, None, marks=pytest.mark.skip(reason=reason))]
         metafunc.parametrize(("backend", "case", "dtype"), params)
     else:
         metafunc.parametrize("backend", loaded, ids=[b.name for b in loaded])
+
+
+_FUSED: dict[str, bool] = {}
+
+
+def has_fused_kernel(backend) -> bool:
+    """Whether ``backend`` has a fused attention kernel for a plain float32 call on its
+    arrays' device (``--device``); such backends run test_fused.py."""
+    key = f"{backend.name}:{backend.array_device}"
+    if key not in _FUSED:
+        _FUSED[key] = type(backend.adapter).fused is not backends.Backend.fused
+        if _FUSED[key]:
+            import numpy as np
+
+            import uniattn
+
+            x = backend.asarray(np.zeros((1, 8, 2, 8)), "float32")
+            try:
+                uniattn.attention(x, x, x, implementation="fused")
+            except ValueError:
+                _FUSED[key] = False
+    return _FUSED[key]
 
 
 def _runs(config, backend, case, dtype) -> bool:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import array_api_compat.numpy
 import numpy as np
+import pytest
 
 import uniattn
 from uniattn import reference
@@ -14,6 +16,21 @@ from .cases import CALLABLES, Case, make_inputs
 
 DIFFERENTIABLE = ("query", "key", "value", "bias", "sinks")
 OTHERS = ("mask", "query_lengths", "key_lengths", "segment_ids")
+#: The ``implementation`` the case table's calls ask for (``--implementation``).
+IMPLEMENTATION: str | None = "chunked"
+FUSED_REFUSAL = "implementation='fused': "
+
+
+@contextlib.contextmanager
+def fused_or_skip():
+    """Skip the test, with the reason, where the fused kernel cannot compute a call of it
+    (``--implementation=fused``)."""
+    try:
+        yield
+    except ValueError as e:
+        if not str(e).startswith(FUSED_REFUSAL):
+            raise
+        pytest.skip(f"fused: {str(e).removeprefix(FUSED_REFUSAL)}")
 
 
 @dataclass
@@ -45,7 +62,18 @@ class Prepared:
             arrays[name] = x
         kwargs = {**self.case.kwargs(), **self.others(), **overrides}
         q, k, v = arrays["query"], arrays["key"], arrays["value"]
-        return uniattn.attention(q, k, v, bias=arrays["bias"], sinks=arrays["sinks"], **kwargs)
+        if "implementation" in overrides:  # the test's own: a refusal is its business
+            return uniattn.attention(q, k, v, bias=arrays["bias"], sinks=arrays["sinks"], **kwargs)
+        with fused_or_skip():
+            return uniattn.attention(
+                q,
+                k,
+                v,
+                bias=arrays["bias"],
+                sinks=arrays["sinks"],
+                implementation=IMPLEMENTATION,
+                **kwargs,
+            )
 
     def others(self, source=None) -> dict:
         """The non-differentiable array arguments: mask, lengths, segment ids."""
@@ -89,18 +117,19 @@ class Prepared:
         _out, vjp_fn = self.backend.vjp(lambda *p: self.call(*p, **overrides), *self.primals())
         return self._named(vjp_fn(self.arrays["d_out"]))
 
-    def vjp_gradients(self) -> dict:
-        """Gradients from ``uniattn.vjp`` (uniattn's own backward, every backend)."""
+    def vjp_gradients(self, **overrides) -> dict:
+        """Gradients from ``uniattn.vjp`` (uniattn's own backward, every backend; the
+        framework's autodiff of its fused kernel with ``implementation="fused"``)."""
         a = self.arrays
-        _out, vjp_fn = uniattn.vjp(
-            a["query"],
-            a["key"],
-            a["value"],
-            bias=a["bias"],
-            sinks=a["sinks"],
-            **self.case.kwargs(),
-            **self.others(),
+        kwargs = {**self.case.kwargs(), **self.others(), **overrides}
+        skipping = (
+            fused_or_skip() if "implementation" not in overrides else contextlib.nullcontext()
         )
+        kwargs.setdefault("implementation", IMPLEMENTATION)
+        with skipping:
+            _out, vjp_fn = uniattn.vjp(
+                a["query"], a["key"], a["value"], bias=a["bias"], sinks=a["sinks"], **kwargs
+            )
         return self._named(vjp_fn(a["d_out"]))
 
     def _named(self, grads) -> dict:

@@ -302,12 +302,13 @@ def test_plain_attention_is_attention(backend):
     assert_close(backend.to_numpy(got), want, "float32", what="plain attention")
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["a@b", "a@bT"])
 @pytest.mark.parametrize("how", ["eager", "staged", "compiled"])
-def test_matmul_transposed(backend, how):
-    """``matmul_transposed(a, b) == a @ bᵀ`` over the last two axes, with the batch axes
-    broadcast as the algorithm's are (query heads on a key/value head's group axis of 1),
-    and differentiable in both arguments. Each value may differ by a sum's rounding: a
-    few ulp of the sum of the magnitudes of its terms."""
+def test_matmul(backend, how, transposed):
+    """``matmul(a, b) == a @ b`` (``a @ bᵀ`` with ``transposed``) over the last two axes,
+    with the batch axes broadcast as the algorithm's are (query heads on a key/value head's
+    group axis of 1), and differentiable in both arguments. Each value may differ by a
+    sum's rounding: a few ulp of the sum of the magnitudes of its terms."""
     rng = np.random.default_rng(0)
     a_np, b_np = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 1, 6, 5))
     a, b = backend.asarray(a_np, "float64"), backend.asarray(b_np, "float64")
@@ -319,10 +320,14 @@ def test_matmul_transposed(backend, how):
     def t(x):
         return np.swapaxes(x, -1, -2)
 
-    product = _run(backend, how, backend.adapter.matmul_transposed)
-    close(product(a, b), a_np @ t(b_np), np.abs(a_np) @ t(np.abs(b_np)))
+    def product(a, b):
+        if not transposed:  # b as [.., 5, 6]
+            b = backend.namespace().matrix_transpose(b)
+        return backend.adapter.matmul(a, b, transposed=transposed)
+
+    close(_run(backend, how, product)(a, b), a_np @ t(b_np), np.abs(a_np) @ t(np.abs(b_np)))
     if backend.has_autodiff:
-        _, vjp_fn = backend.vjp(backend.adapter.matmul_transposed, a, b)
+        _, vjp_fn = backend.vjp(product, a, b)
         d_a, d_b = vjp_fn(backend.asarray(np.ones((2, 3, 4, 6)), "float64"))
         # With a cotangent of ones: dA sums b over its keys, dB sums a over heads and rows.
         close(d_a, np.broadcast_to(b_np.sum(-2, keepdims=True), a_np.shape), 6 * np.abs(b_np).max())
@@ -331,6 +336,26 @@ def test_matmul_transposed(backend, how):
             np.broadcast_to(a_np.sum((1, 2), keepdims=True), b_np.shape),
             12 * np.abs(a_np).max(),
         )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_matmul_of_16bit_operands_is_float32(backend, dtype):
+    """16-bit operands give a float32 result, accumulated in float32: the exact products of
+    the 16-bit values summed to float32's rounding (a 16-bit sum would be off by ~2^-8 to
+    2^-11 of the magnitudes), whether the adapter lifts them or multiplies them as they are
+    (``multiplies_16bit``). 512 terms: a 16-bit accumulator's error would show."""
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.name} has no {dtype}")
+    rng = np.random.default_rng(1)
+    a = backend.asarray(rng.standard_normal((2, 3, 8, 512)), dtype)
+    b = backend.asarray(rng.standard_normal((2, 1, 16, 512)), dtype)
+    a_np, b_np = (backend.to_numpy(x).astype(np.float64) for x in (a, b))  # exact values
+    got = backend.adapter.matmul(a, b, transposed=True)
+    assert backend.dtype_name(got) == "float32"
+    want = a_np @ np.swapaxes(b_np, -1, -2)
+    magnitude = np.abs(a_np) @ np.swapaxes(np.abs(b_np), -1, -2)
+    error = np.abs(backend.to_numpy(got).astype(np.float64) - want)
+    assert np.all(error <= 16 * np.finfo(np.float32).eps * magnitude), (error / magnitude).max()
 
 
 @pytest.mark.parametrize("how", ["eager", "staged", "compiled"])

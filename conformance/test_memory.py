@@ -17,8 +17,8 @@ from uniattn._measure import memory_in_subprocess
 
 
 def _length(backend) -> int:
-    """4096 on a CPU; on an accelerator, whose default chunks are 1024 x 4096 (a quarter
-    of the scores at 4096), 16384: there a chunk is 1/64 of the score matrix."""
+    """4096 on a CPU; on an accelerator, whose default chunks are up to 2048 x 4096 (half
+    of the scores at 4096), 16384: there a chunk is at most 1/32 of the score matrix."""
     return 4096 if backend.array_platform() == "cpu" else 16384
 
 

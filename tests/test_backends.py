@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,72 @@ def test_an_accelerator_gets_the_accelerator_chunks():
         backend.accelerator_chunks[0],
         backend.decode_key_chunk,
     )
+
+
+_DOT = re.compile(
+    r"stablehlo\.dot_general.*: \(tensor<([^>]*)>, tensor<([^>]*)>\) -> tensor<([^>]*)>"
+)
+
+
+def _matrix_products(hlo: str) -> list[tuple[str, str, str]]:
+    """The element types (lhs, rhs, result) of the matrix products in StableHLO text:
+    dot_generals that keep the lhs's rank (a row-wise dot, such as the backward's
+    Δ = rowsum(dO ∘ O) in float32, drops it)."""
+    found = []
+    for lhs, rhs, out in _DOT.findall(hlo):
+        lhs, rhs, out = (x.split("x") for x in (lhs, rhs, out))
+        if len(out) == len(lhs):
+            found.append((lhs[-1], rhs[-1], out[-1]))
+    return found
+
+
+def test_jax_multiplies_bfloat16_operands_into_float32(monkeypatch):
+    """Where JAX multiplies 16-bit operands (``multiplies_16bit``: on GPUs and TPUs), every
+    matrix product of a bfloat16 call, forward and backward, lowers to a dot_general of two
+    bfloat16 operands into float32 (tensor cores), not of lifted float32 operands. Lowered
+    on the CPU as a GPU would get it, not run: XLA:CPU lifts them."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    from uniattn.backends.jax import JaxBackend
+
+    if jax.default_backend() == "cpu":
+        assert not JaxBackend().multiplies_16bit(None)
+    monkeypatch.setattr(JaxBackend, "multiplies_16bit", lambda self, device: True)
+    q = jnp.ones((1, 64, 4, 16), jnp.bfloat16)
+    kv = jnp.ones((1, 64, 2, 16), jnp.bfloat16)
+
+    def f(q, k, v):
+        out = uniattn.attention(q, k, v, causal=True, query_chunk_size=32, key_chunk_size=32)
+        return out.astype(jnp.float32).sum()
+
+    for fn, at_least in ((f, 2), (jax.grad(f, argnums=(0, 1, 2)), 2 + 5)):
+        products = _matrix_products(jax.jit(fn).lower(q, kv, kv).as_text())
+        assert len(products) >= at_least, products
+        assert set(products) == {("bf16", "bf16", "f32")}, products
+
+
+def test_torch_16bit_product_folds_groups_and_broadcasts():
+    """torch's float32 product of 16-bit operands (``bmm(out_dtype=...)``, CUDA only) is
+    ``a @ b`` for the algorithm's operand shapes: a key chunk broadcast over its group of
+    query heads, and full batch axes. Checked on the CPU with a stand-in for CUDA's bmm
+    that computes in float32 and records the shapes it multiplies."""
+    torch = pytest.importorskip("torch")
+    from uniattn.backends.torch import _bmm_float32
+
+    calls = []
+
+    def bmm(a, b, out_dtype):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return torch.bmm(a.float(), b.float()).to(out_dtype)
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 3, 4, 5, 8, generator=gen).bfloat16()  # [batch, kv_heads, groups, rows, d]
+    k = torch.randn(2, 3, 1, 6, 8, generator=gen).bfloat16()  # a key chunk: one per group
+    p = torch.randn(2, 3, 4, 5, 6, generator=gen).bfloat16()
+    for x, y in ((a, k.transpose(-1, -2)), (p, k), (a.transpose(-1, -2), p)):
+        got = _bmm_float32(x, y, bmm)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, torch.matmul(x.float(), y.float()))
+    # The broadcast key chunk is multiplied once per key/value head (groups folded into rows).
+    assert calls[0] == ((6, 20, 8), (6, 8, 6)) and calls[1] == ((6, 20, 6), (6, 6, 8))
+    assert calls[2] == ((24, 8, 5), (24, 5, 6))

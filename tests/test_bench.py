@@ -39,6 +39,22 @@ def test_speed_worker_times_every_available_implementation():
     assert {"uniattn", "plain"} <= set(timed[0]["seconds"])
 
 
+def test_speed_times_the_default_and_the_chunked_implementation_where_they_differ():
+    """On torch's CPU the default is SDPA's flash kernel (causal, layout BHTD here), so the
+    chunked algorithm gets its own row; NumPy has no fused kernel, so no second row."""
+    pytest.importorskip("torch")
+    spec = {
+        "backend": "torch", "ns": [128], "heads": 2, "d": 16, "repeats": 1,
+        "modes": ["forward"], "causal": True, "layout": "BHTD",
+    }  # fmt: skip
+    lines = in_fresh_process("uniattn.bench.speed:measure", spec, timeout=300)
+    (timed,) = [line["seconds"] for line in lines if "seconds" in line]
+    assert {"uniattn", "uniattn chunked", "torch sdpa"} <= set(timed)
+    skipped = {line["impl"] for line in lines if "skipped" in line and "n" not in line}
+    assert {"plain", "keras"} <= skipped  # measured in BTHD without causal only
+    assert "uniattn chunked" not in peers.implementations(backends.harness("numpy"))
+
+
 def test_speed_report_states_the_matmul_rate_its_percentages_use():
     report = speed.run(["numpy"], ns=[128])
     (note,) = [n for n in report.notes if "matmul rate" in n]

@@ -175,6 +175,20 @@ def test_bad_backward_mode():
         uniattn.attention(*arrays(), backward="manual")
 
 
+@pytest.mark.parametrize("value", ["flash", "Fused", ""])
+def test_bad_implementation(value):
+    with raises(ValueError, "implementation", "None", "'chunked'", "'fused'", repr(value)):
+        uniattn.attention(*arrays(), implementation=value)
+    with raises(ValueError, "implementation", repr(value)):
+        uniattn.vjp(*arrays(), implementation=value)
+
+
+@pytest.mark.parametrize("value", [True, 1, ["fused"]])
+def test_implementation_type(value):
+    with raises(TypeError, "implementation", "None", "'fused'", type(value).__name__):
+        uniattn.attention(*arrays(), implementation=value)
+
+
 def test_keyword_only_options():
     q, k, v = arrays()
     with pytest.raises(TypeError):

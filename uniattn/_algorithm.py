@@ -44,8 +44,17 @@ algorithm as it is; the others first zero the padding and isolate non-finite key
 
 Everything here is array-API calls on ``xp`` and calls to the adapter contract
 (:class:`uniattn.backends.Backend`): loops, rematerialisation, ``stop_gradient``,
-``cond_call``, and the optional hooks ``matmul_transposed``, ``exp_shifted``,
-``row_sums``, ``chunks`` and the block accumulator.
+``cond_call``, and the optional hooks ``matmul``, ``exp_shifted``, ``row_sums``,
+``chunks`` and the block accumulator.
+
+**Products.** Every product goes through ``Backend.matmul``, whose operands are in
+:attr:`_Context.operand_dtype`: float32 (float64 for float64 inputs), the inputs lifted
+once, except where the adapter multiplies 16-bit operands into float32 itself
+(``Backend.multiplies_16bit``): then q, k, v and dO stay 16-bit and the float32 operands
+(scaled queries, probabilities, score gradients) are rounded to the inputs' dtype before
+their product, as FlashAttention does. Scores, softmax statistics and accumulators are
+float32 either way. A forward the framework differentiates itself (``remat``) keeps float32
+products: its autodiff would round the cotangents of 16-bit operands to 16 bits.
 """
 
 from __future__ import annotations
@@ -111,7 +120,9 @@ def forward(backend: Any, ops: Operands, *, options: Options, remat=True, starts
     through the loops. ``starts`` are the positions of the first query and key (int or 0-d
     int array) when the call is one block of a longer sequence (:class:`Schedule`).
     """
-    c = _Context(backend, ops, options, starts)
+    # Differentiated by the framework (remat), products stay float32: autodiff would round
+    # the cotangents of 16-bit operands to 16 bits (dP, summed into a broadcast d_bias).
+    c = _Context(backend, ops, options, starts, narrow=not remat)
     xp = c.xp
     q, k, v = ops.q, ops.k, ops.v
     if c.empty:
@@ -121,11 +132,14 @@ def forward(backend: Any, ops: Operands, *, options: Options, remat=True, starts
         if ops.sinks is not None:
             lse = xp.logaddexp(lse, c.lift(ops.sinks)[..., 0])
         return out, lse
-    q, k, v = c.lift(c.fold(q)), c.lift(k), c.lift(v)
+    q, k, v = c.operand(c.fold(q)), c.operand(k), c.operand(v)
     if k.shape[-1] == 0:
         # Zero-width keys: a zero column in q and k (the scores stay 0), so that a key
         # whose value is not finite has an entry for `isolated` to make NaN.
-        q, k = (xp.concat((x, c.zeros((*x.shape[:-1], 1))), axis=-1) for x in (q, k))
+        q, k = (
+            xp.concat((x, xp.zeros((*x.shape[:-1], 1), dtype=x.dtype, device=c.device)), axis=-1)
+            for x in (q, k)
+        )
     passed = (c.lift(c.fold(ops.bias)), c.fold(ops.mask), c.lift(c.fold(ops.sinks)))
     attend = functools.partial(_attend, c, remat=remat)
     return backend.cond_call(c.all_finite(q, k, v), attend, c.isolated, (q, k, v), passed)
@@ -145,7 +159,8 @@ def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool):
         p = backend.exp_shifted(s, m_ref)
         rescale = xp.exp(m - m_ref)
         l = l * rescale + backend.row_sums(p)
-        acc = acc * rescale + xp.matmul(c.dropped(p, c.kept(r, j, p.shape)), v_c)
+        p = c.operand(c.dropped(p, c.kept(r, j, p.shape)))
+        acc = acc * rescale + backend.matmul(p, v_c)
         return m_new, l, acc
 
     folds = {masked: functools.partial(fold_in, masked=masked) for masked in (False, True)}
@@ -155,7 +170,8 @@ def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool):
 
     def row_block(q_c, bias_c, mask_c, q_ids, sinks_c, r, k_chunks, v_chunks):
         """Output and logsumexp of row block ``r`` against every key chunk it can see."""
-        q_c = q_c * c.options.scale  # per block: a scaled copy of q would be one more n·d
+        # Per block: a scaled copy of q would be one more n·d.
+        q_c = c.operand(c.lift(q_c) * c.options.scale)
         by_key = (split(xp, bias_c, -1, schedule.keys), split(xp, mask_c, -1, schedule.keys))
         # Connected to the inputs even if no key chunk is visible (no loop trip runs).
         first_k, first_v = k_chunks[0, ...], v_chunks[0, ...]
@@ -217,7 +233,7 @@ def backward(
         if sinks is not None and d_lse is not None:  # L = sink: d sink = Σ d_lse
             grads[4] = xp.astype(_sum_to(xp, c.lift(d_lse)[..., None], sinks.shape), sinks.dtype)
         return tuple(grads)
-    q, k, v = c.lift(c.fold(q)), c.lift(k), c.lift(v)
+    q, k, v = c.operand(c.fold(q)), c.operand(k), c.operand(v)
     backprop = functools.partial(_backprop, c, dtypes)
     passed = (bias, ops.mask, sinks, out, lse, d_out, d_lse)
     return backend.cond_call(c.all_finite(q, k, v), backprop, c.zeroed, (q, k, v), passed)
@@ -245,10 +261,11 @@ def _backprop(c: _Context, dtypes, q, k, v, bias, mask, sinks, out, lse, d_out, 
     # Rows whose output is NaN (they attend a non-finite input, see _Context.isolated)
     # are constants here: they contribute nothing, so every other gradient stays exact.
     affected = c.fold(xp.logical_not(xp.logical_or(xp.isfinite(lse), lse == NEG_INF))[..., None])
-    q = q * c.options.scale
+    q = c.operand(c.lift(q) * c.options.scale)
     bias, mask, sinks = c.lift(c.fold(bias)), c.fold(mask), c.lift(c.fold(sinks))
     d_out = xp.where(affected, 0.0, c.lift(c.fold(d_out)))
     delta = xp.vecdot(d_out, c.lift(c.fold(out)))[..., None]
+    d_out = c.operand(d_out)  # Δ above from the float32 dO; the products take it as operand
     if d_lse is not None:  # d lse / d S = P, so d_lse joins Δ
         delta = delta - c.fold(c.lift(d_lse)[..., None])
     delta = xp.where(affected, 0.0, delta)  # the output is NaN there
@@ -275,13 +292,14 @@ def _backprop(c: _Context, dtypes, q, k, v, bias, mask, sinks, out, lse, d_out, 
         s, tanh = c.scores(row.q, k_c, r, j, masked, *args, overlapping_rows=masked)
         p = backend.exp_shifted(s, row.lse)
         kept = c.kept(r, j, s.shape)  # one mask for both products it scales
-        dp = c.dropped(xp.matmul(row.d_out, v_t), kept)
+        dp = c.dropped(backend.matmul(row.d_out, v_t), kept)
         ds = p * (dp - row.delta)
         d_raw = ds if tanh is None else ds * (1.0 - tanh * tanh)  # through the soft cap
-        dk_t = _sum_groups(xp, xp.matmul(row.q_t, d_raw))
-        dv_t = _sum_groups(xp, xp.matmul(row.d_out_t, c.dropped(p, kept)))
+        d_raw_op = c.operand(d_raw)
+        dk_t = _sum_groups(xp, backend.matmul(row.q_t, d_raw_op))
+        dv_t = _sum_groups(xp, backend.matmul(row.d_out_t, c.operand(c.dropped(p, kept))))
         db = None if row.bias is None else _sum_to(xp, ds, row.bias.shape)
-        return xp.matmul(d_raw, k_c), dk_t, dv_t, db
+        return backend.matmul(d_raw_op, k_c), dk_t, dv_t, db
 
     def key_chunk(k_c, v_c, bias_k, mask_k, kv_ids, j, dq, db):
         """dK and dV of key chunk ``j``; its contributions added to dQ and d_bias."""
@@ -364,12 +382,18 @@ class _Context:
     head.
     """
 
-    def __init__(self, backend, ops: Operands, options: Options, starts=(0, 0)):
+    def __init__(
+        self, backend, ops: Operands, options: Options, starts=(0, 0), narrow: bool = True
+    ):
         self.backend, self.options = backend, options
         self.xp = xp = backend.namespace()
         q, k = ops.q, ops.k
         self.device = backend.device(q)
         self.acc_dtype = xp.float64 if q.dtype == xp.float64 else xp.float32
+        # The dtype of every product's operands (see the module's docstring).
+        narrow = narrow and backend.dtype_name(q) in ("float16", "bfloat16")
+        narrow = narrow and backend.multiplies_16bit(self.device)
+        self.operand_dtype = q.dtype if narrow else self.acc_dtype
         self.q_len, self.kv_len = q.shape[-2], k.shape[-2]
         self.batch = tuple(q.shape[:-4])
         self.folded = self.q_len == 1 and q.shape[-3] > 1
@@ -426,6 +450,10 @@ class _Context:
         """``x`` in the accumulation dtype (float32, or float64 for float64 inputs)."""
         return None if x is None else self.xp.astype(x, self.acc_dtype, copy=False)
 
+    def operand(self, x):
+        """``x`` in the dtype of the products' operands, :attr:`operand_dtype`."""
+        return None if x is None else self.xp.astype(x, self.operand_dtype, copy=False)
+
     def zeros(self, shape):
         return self.xp.zeros(shape, dtype=self.acc_dtype, device=self.device)
 
@@ -444,7 +472,7 @@ class _Context:
         per batch, still apply. ``overlapping_rows`` masks the last row block's overlap.
         """
         xp, o, schedule = self.xp, self.options, self.schedule
-        s = self.backend.matmul_transposed(q_c, k_c)
+        s = self.backend.matmul(q_c, k_c, transposed=True)
         tanh = None
         if o.softcap is not None:
             tanh = xp.tanh(s * (1.0 / o.softcap))
@@ -498,7 +526,12 @@ class _Context:
         one sum per array. A sum of finite values that overflows only costs the safe
         branch."""
         xp = self.xp
-        return xp.isfinite(sum(xp.sum(x) for x in arrays))
+        # Summed in the accumulation dtype: a float16 sum of finite values overflows early.
+        return xp.isfinite(sum(self._sum(x) for x in arrays))
+
+    def _sum(self, x):
+        xp = self.xp
+        return xp.sum(x) if x.dtype == self.acc_dtype else xp.sum(x, dtype=self.acc_dtype)
 
     def isolated(self, q, k, v):
         """``q``, ``k``, ``v`` with padded keys zeroed and non-finite rows and keys

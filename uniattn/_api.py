@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Literal
 
-from . import _algorithm
+from . import _algorithm, _fused
 from ._arguments import (
     DIFFERENTIABLE,
     canonical,
@@ -27,6 +27,7 @@ from .backends import Backend
 Layout = Literal["BTHD", "BHTD"]
 Backward = Literal["custom", "autodiff"]
 Causal = Literal[False, True, "bottom_right", "top_left"]
+Implementation = Literal[None, "chunked", "fused"]
 
 
 def attention(
@@ -51,6 +52,7 @@ def attention(
     key_chunk_size: int | None = None,
     backward: Backward = "custom",
     return_lse: bool = False,
+    implementation: Implementation = None,
 ) -> Any:
     """Scaled dot-product attention in O(chunk) extra memory, on any framework's arrays.
 
@@ -133,6 +135,15 @@ def attention(
         float32 (float64 for float64 inputs), ``-inf`` for rows that attend no key (the
         sink's logit with sinks). Gradients flow through it too, so partial attentions
         can be merged.
+    implementation : {None, "chunked", "fused"}
+        "chunked": uniattn's algorithm. "fused": the framework's own fused attention
+        kernel (torch's ``scaled_dot_product_attention`` restricted to its flash,
+        memory-efficient and cuDNN kernels, never its math path; JAX's cuDNN attention on
+        NVIDIA GPUs), used only where it computes exactly this call's result and
+        gradients; a ValueError names the first reason where it does not (see the
+        README's table). Inputs with a non-finite entry take the chunked algorithm,
+        whose rules for them the fused kernels do not follow. None (default): "fused"
+        where it applies, else "chunked".
 
     Returns
     -------
@@ -153,13 +164,19 @@ def attention(
         callable bias or mask returning the wrong type.
     ValueError
         Mismatched shapes, a bad layout or window, non-positive chunk sizes, ``heads``
-        not divisible by ``kv_heads``, a bad ``backward``.
+        not divisible by ``kv_heads``, a bad ``backward`` or ``implementation``, and
+        ``implementation="fused"`` for a call no fused kernel computes exactly.
     """
     keywords = {name: value for name, value in locals().items() if name not in _ARRAYS}
     call = parse(query, key, value, keywords)
     backend, options, layout = call.backend, call.options, call.layout
     shapes = _signature(backend, call.arrays)
+    kernel = _fused_kernel(call, vjp=False)
     with backend.device_scope(call.arrays[0]):
+        if kernel is not None:
+            return _staged_fused(backend, kernel, options, layout, call.present, shapes)(
+                *call.given
+            )
         if backward == "custom":
             staged = _differentiable(backend, options, layout, call.present, shapes)
             out, lse = staged(*call.given)
@@ -185,7 +202,9 @@ def vjp(query: Any, key: Any, value: Any, **keywords: Any) -> tuple[Any, Callabl
     ``sinks`` are given, each shaped and typed like its input. With ``return_lse=True`` the output is ``(out, lse)`` and ``vjp_fn`` takes
     ``(d_out, d_lse)``. With ``backward="custom"`` (default) the gradients come from
     uniattn's own backward on every backend, NumPy included; with "autodiff" from the
-    framework's autodiff (not NumPy).
+    framework's autodiff (not NumPy). Where the call runs the framework's fused kernel
+    (``implementation``), they come from the framework's autodiff of that kernel, which
+    must then compute every gradient returned (torch's CPU kernel has none for a bias).
 
     Examples
     --------
@@ -213,6 +232,9 @@ def vjp(query: Any, key: Any, value: Any, **keywords: Any) -> tuple[Any, Callabl
 
         return backend.vjp(fn, query, key, value, *(keywords[n] for n in names))
     shapes = _signature(backend, call.arrays)
+    kernel = _fused_kernel(call, vjp=True)
+    if kernel is not None:
+        return _fused_vjp(call, kernel, shapes)
     with backend.device_scope(call.arrays[0]):
         staged = _staged_forward(backend, call.options, call.layout, False, shapes)
         out, lse = staged(*call.arrays)
@@ -246,6 +268,37 @@ def _signature(backend: Backend, arrays) -> tuple | None:
     if not backend.compiles_per_shape:
         return None
     return tuple(None if x is None else (tuple(x.shape), backend.dtype_name(x)) for x in arrays)
+
+
+def _fused_kernel(call, vjp: bool) -> Callable | None:
+    """The framework's fused kernel for ``call`` where its ``implementation`` allows it and
+    the kernel computes it exactly (``Backend.fused``); None: the chunked algorithm.
+    Decided once per call, here at the entry."""
+    if call.implementation == "chunked":
+        return None
+    found = call.backend.fused(_fused.describe(call, vjp), call.arrays)
+    if isinstance(found, str) or (vjp and not call.backend.has_autodiff):
+        if call.implementation == "fused":
+            why = found if isinstance(found, str) else f"{call.backend.name} has no autodiff"
+            raise ValueError(f"implementation='fused': {why}")
+        return None
+    return found
+
+
+def _fused_vjp(call, kernel, shapes):
+    """:func:`vjp` through the fused kernel: the framework's autodiff of it gives dq, dk
+    and dv (a bias gradient, sinks and the logsumexp make a call ineligible)."""
+    backend, given = call.backend, call.given
+    staged = _staged_fused(backend, kernel, call.options, call.layout, call.present, shapes)
+    with backend.device_scope(given[0]):
+        out, grads = backend.vjp(lambda q, k, v: staged(q, k, v, *given[3:]), *given[:3])
+
+    def vjp_fn(cotangent):
+        d_out, _ = call.checked_cotangents(cotangent, None)
+        with backend.device_scope(given[0]):
+            return tuple(grads(d_out))
+
+    return out, vjp_fn
 
 
 # The staged functions take and return arrays in the user's layout and change layouts
@@ -336,3 +389,39 @@ def _differentiable(
         return (dq, dk, dv, *others)
 
     return backend.custom_vjp(fwd, bwd)
+
+
+@memoized(maxsize=STAGED_CACHE_SIZE)
+def _staged_fused(
+    backend: Backend,
+    kernel: Callable,
+    options: _algorithm.Options,
+    layout: str,
+    present: tuple[bool, ...],
+    shapes: tuple | None,
+):
+    """``f(q, k, v, *given) -> out`` (in the inputs' dtype): the fused ``kernel`` where every
+    entry of q, k, v and the bias is finite, else the chunked algorithm, whose gradient is
+    uniattn's backward (:func:`_differentiable`). A framework that cannot branch on a value
+    while it traces takes the chunked algorithm (``Backend.cond``)."""
+    chunked = _differentiable(backend, options, layout, present, shapes)
+
+    def operands(args):
+        q, k, v, *given = args
+        given = iter(given)
+        bias, mask = (next(given) if p else None for p in present[:2])
+        return q, k, v, bias, mask
+
+    def fused(*args):
+        return kernel(*operands(args))
+
+    def safe(*args):
+        out, _ = chunked(*args)
+        return backend.namespace().astype(out, args[0].dtype, copy=False)
+
+    def run(*args):
+        q, k, v, bias, _ = operands(args)
+        finite = _fused.all_finite(backend.namespace(), q, k, v, bias)
+        return backend.cond(finite, fused, safe, args)
+
+    return backend.stage(run)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ._algorithm import Operands, Options
 from ._dispatch import backend_of, type_name
+from ._fused import IMPLEMENTATIONS
 from .backends import FLOAT_DTYPES, Backend
 
 LAYOUTS = ("BTHD", "BHTD")
@@ -33,6 +34,8 @@ class Call:
     options: Options
     layout: str
     return_lse: bool
+    backward: str = "custom"
+    implementation: str | None = None
 
     @property
     def present(self) -> tuple[bool, ...]:
@@ -90,6 +93,7 @@ def parse(query, key, value, keywords: Mapping[str, Any]) -> Call:
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
     if backward not in BACKWARD_MODES:
         raise ValueError(f"backward must be one of {BACKWARD_MODES}; got {backward!r}")
+    implementation = _check_implementation(k["implementation"])
     causal = _check_causal(k["causal"])
     if not isinstance(k["return_lse"], bool):
         raise TypeError(f"return_lse must be a bool; got {type_name(k['return_lse'])}")
@@ -187,7 +191,7 @@ def parse(query, key, value, keywords: Mapping[str, Any]) -> Call:
         softcap=softcap,
         dropout_rate=dropout_rate,
     )
-    return Call(backend, arrays, options, layout, k["return_lse"])
+    return Call(backend, arrays, options, layout, k["return_lse"], backward, implementation)
 
 
 def _segment_pair(segment_ids):
@@ -231,6 +235,20 @@ def _check_sinks(x, batch, heads, backend):
         return
     _check_float("sinks", backend, x)
     _check_broadcastable("sinks", x, (*batch, heads), "[*batch, heads]")
+
+
+def _check_implementation(implementation):
+    if implementation is None or (
+        isinstance(implementation, str) and implementation in IMPLEMENTATIONS
+    ):
+        return implementation
+    if isinstance(implementation, str):
+        raise ValueError(
+            f"implementation must be None, 'chunked' or 'fused'; got {implementation!r}"
+        )
+    raise TypeError(
+        f"implementation must be None, 'chunked' or 'fused'; got {type_name(implementation)}"
+    )
 
 
 def _check_causal(causal):

@@ -48,19 +48,32 @@ def main(argv=None) -> int:
         choices=("float32", "bfloat16", "float16"),
         help="speed: the inputs' dtype (the fused GPU kernels take 16-bit floats only)",
     )
+    parser.add_argument("--causal", action="store_true", help="speed: causal attention")
+    parser.add_argument(
+        "--layout",
+        default="BTHD",
+        choices=("BTHD", "BHTD"),
+        help="speed: the inputs' layout (BHTD: [batch, heads, length, dim], SDPA's)",
+    )
     args = parser.parse_args(argv)
     chosen = ALL if args.subcommand == "all" else (args.subcommand,)
     if args.device and not set(chosen) <= set(ON_DEVICE):
         parser.error(f"--device applies to {', '.join(ON_DEVICE)} only")
-    if args.dtype != "float32" and args.subcommand != "speed":
-        parser.error("--dtype applies to speed only")
+    for flag, given in (
+        ("--dtype", args.dtype != "float32"),
+        ("--causal", args.causal),
+        ("--layout", args.layout != "BTHD"),
+    ):
+        if given and args.subcommand != "speed":
+            parser.error(f"{flag} applies to speed only")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     names = args.backend or backends.installed()
     for name in chosen:
         module = importlib.import_module(f"uniattn.bench.{name}")
         options = {"ns": args.n} if args.n and name in SIZED else {}
         options.update({"device": args.device} if args.device else {})
-        options.update({"dtype": args.dtype} if name == "speed" else {})
+        if name == "speed":
+            options.update(dtype=args.dtype, causal=args.causal, layout=args.layout)
         report = module.run(names, quick=args.quick, full=args.full, **options)
         print(report.markdown() + "\n", flush=True)
         if args.out:

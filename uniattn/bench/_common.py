@@ -22,12 +22,20 @@ GiB = 2**30
 
 
 def inputs(
-    backend, n: int, heads: int, d: int = 64, count: int = 4, seed: int = 0, dtype="float32"
+    backend,
+    n: int,
+    heads: int,
+    d: int = 64,
+    count: int = 4,
+    seed: int = 0,
+    dtype="float32",
+    layout="BTHD",
 ):
-    """``count`` arrays ``[1, n, heads, d]`` of the backend (q, k, v, d_out), on its
-    ``array_device``."""
+    """``count`` arrays ``[1, n, heads, d]`` (``[1, heads, n, d]`` for layout BHTD) of the
+    backend (q, k, v, d_out), on its ``array_device``."""
     rng = np.random.default_rng(seed)
-    return [backend.asarray(rng.standard_normal((1, n, heads, d)), dtype) for _ in range(count)]
+    shape = (1, n, heads, d) if layout == "BTHD" else (1, heads, n, d)
+    return [backend.asarray(rng.standard_normal(shape), dtype) for _ in range(count)]
 
 
 def attention_flops(n: int, heads: int, d: int, gradient: bool = False) -> float:

@@ -17,7 +17,7 @@ def backward_speed(backend, n: int, repeats: int) -> dict:
     q, k, v, d_out = inputs(backend, n, heads=8)
 
     def step(mode):
-        run = gradients(backend, backward=mode)
+        run = gradients(backend, backward=mode, implementation="chunked")
         return lambda: run(q, k, v, d_out)
 
     return interleaved_medians({m: step(m) for m in ("custom", "autodiff")}, backend.block, repeats)

@@ -9,6 +9,8 @@ accelerator (``--device``), the peak of the framework's allocator where it keeps
 
 from __future__ import annotations
 
+import functools
+
 from uniattn._measure import emit, gradients, in_fresh_process, interleaved_medians, timed_peak
 from uniattn.bench._common import Progress, Report, inputs, mib, ms, ratio, too_big
 
@@ -87,7 +89,10 @@ def measure(backend, spec: dict) -> None:
     for n in spec["ns"]:
         q, k, v, d_out = inputs(backend, n, heads=1)
         on_host = backend.platform(q) == "cpu"
-        fns = {"uniattn": uniattn.attention, "plain": lambda *a: plain_attention(backend, *a)}
+        fns = {
+            "uniattn": functools.partial(uniattn.attention, implementation="chunked"),
+            "plain": lambda *a: plain_attention(backend, *a),
+        }
         for impl, fn in fns.items():
             reason = too_big(n, 1, gradient) if impl == "plain" and on_host else None
             if impl == "plain" and gradient and not backend.has_autodiff:
@@ -96,7 +101,14 @@ def measure(backend, spec: dict) -> None:
                 emit(n=n, impl=impl, skipped=reason)
                 continue
             args = (q, k, v, d_out) if gradient else (q, k, v)
-            run = gradients(backend, fn) if gradient else fn
+            run = fn
+            if gradient:  # uniattn's own backward (NumPy: through uniattn.vjp)
+                chunked = impl == "uniattn"
+                run = (
+                    gradients(backend, implementation="chunked")
+                    if chunked
+                    else gradients(backend, fn)
+                )
             try:  # an accelerator's memory is not checked ahead: running out is reported
                 if n == spec["ns"][0] or backend.compiles_per_shape:
                     run = backend.precompile(run, *args)  # later lengths reuse the warm-up

@@ -1,7 +1,8 @@
 """The attention implementations uniattn is measured against, per framework.
 
 Each entry maps a name to ``fn(q, k, v)`` on ``[1, n, heads, d]`` arrays (uniattn's
-default layout), or to a string saying why it is not available. Layout changes a peer
+default layout; ``[1, heads, n, d]`` for layout BHTD), or to a string saying why it is not
+available. Layout changes a peer
 needs happen inside ``fn`` and are timed with it, as a user would pay them. On a GPU the
 fused kernels are measured each on its own as well: SDPA's FlashAttention-2, cuDNN and
 memory-efficient kernels, and JAX's cuDNN attention.
@@ -17,29 +18,61 @@ import uniattn
 from uniattn._plain import plain_attention
 
 
-def implementations(backend, platform: str = "cpu", dtype: str = "float32") -> dict:
+def implementations(
+    backend, platform: str = "cpu", dtype: str = "float32", causal: bool = False, layout="BTHD"
+) -> dict:
     """``{name: fn or reason}`` for ``backend``: uniattn, plain attention and the peers,
-    for arrays of ``dtype`` on a device of kind ``platform`` (:meth:`Backend.platform`)."""
-    found = {
-        "uniattn": uniattn.attention,
-        "plain": lambda q, k, v: plain_attention(backend, q, k, v),
-    }
-    found.update(_NATIVE.get(backend.name, lambda *_: {})(platform, dtype))
-    found["keras"] = _keras(backend)
+    for arrays of ``dtype`` in ``layout`` on a device of kind ``platform``
+    (:meth:`Backend.platform`), causal or not.
+
+    "uniattn" is the default implementation, which is a framework's fused kernel where one
+    computes the call (``implementation``); "uniattn chunked", listed where the two differ,
+    is uniattn's algorithm."""
+    options = dict(causal=causal, layout=layout)
+    found = {"uniattn": functools.partial(uniattn.attention, **options)}
+    if _fused_applies(backend, **options):
+        found["uniattn chunked"] = functools.partial(
+            uniattn.attention, implementation="chunked", **options
+        )
+    plain = layout == "BTHD" and not causal
+    found["plain"] = (
+        (lambda q, k, v: plain_attention(backend, q, k, v)) if plain else _DEFAULT_OPTIONS_ONLY
+    )
+    found.update(_NATIVE.get(backend.name, lambda *_: {})(platform, dtype, causal, layout))
+    found["keras"] = _keras(backend) if plain else _DEFAULT_OPTIONS_ONLY
     if backend.name in ("jax", "torch"):
-        found["memory-efficient-attention"] = _memory_efficient(backend.name)
+        mea = _memory_efficient(backend.name)
+        found["memory-efficient-attention"] = mea if plain else _DEFAULT_OPTIONS_ONLY
     return found
 
 
 _HALF_ONLY = "takes float16 and bfloat16 only"
+_DEFAULT_OPTIONS_ONLY = "measured in layout BTHD without causal only"
 
 
-def _torch(platform, dtype):
+def _fused_applies(backend, causal, layout) -> bool:
+    """Whether the default implementation takes the framework's fused kernel for this
+    benchmark's calls (on a small call of the same options)."""
+    import numpy as np
+
+    x = backend.asarray(np.zeros((1, 8, 2, 8)), "float32")
+    try:
+        uniattn.attention(x, x, x, implementation="fused", causal=causal, layout=layout)
+    except ValueError:
+        return False
+    return True
+
+
+def _torch(platform, dtype, causal, layout):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def sdpa(q, k, v):
-        out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)))
+        if layout == "BHTD":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out = F.scaled_dot_product_attention(
+            *(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal
+        )
         return out.transpose(1, 2)
 
     def pinned(kernel):
@@ -62,13 +95,24 @@ def _torch(platform, dtype):
     return found
 
 
-def _jax(platform, dtype):
+def _jax(platform, dtype, causal, layout):
     import jax
+    import jax.numpy as jnp
 
-    found = {"jax.nn.dot_product_attention": jax.nn.dot_product_attention}
+    def jax_nn(implementation=None):
+        def run(q, k, v):
+            if layout == "BHTD":  # jax.nn takes [batch, length, heads, dim]
+                q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+            out = jax.nn.dot_product_attention(
+                q, k, v, is_causal=causal, implementation=implementation
+            )
+            return jnp.swapaxes(out, 1, 2) if layout == "BHTD" else out
+
+        return run
+
+    found = {"jax.nn.dot_product_attention": jax_nn()}
     if platform in ("gpu", "cuda"):
-        cudnn = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
-        found["jax.nn cudnn"] = _HALF_ONLY if dtype == "float32" else cudnn
+        found["jax.nn cudnn"] = _HALF_ONLY if dtype == "float32" else jax_nn("cudnn")
     return found
 
 

@@ -43,5 +43,7 @@ def measure(backend, spec: dict) -> None:
     peak extra memory."""
     n = spec["n"]
     q, k, v, d_out = inputs(backend, n, heads=1)
-    seconds, peak = timed_peak(backend, gradients(backend), (q, k, v, d_out))
+    seconds, peak = timed_peak(
+        backend, gradients(backend, implementation="chunked"), (q, k, v, d_out)
+    )
     emit(n=n, seconds=seconds, peak_bytes=peak)

@@ -1,7 +1,10 @@
 """``speed``: uniattn against native attention and peers, forward and forward+backward.
 
 n = 1024 … 16384 (``--quick``: 1024, 2048), 8 heads, d 64, float32 (``--dtype``), batch 1,
-on each framework's default device (``--device``). Every
+layout BTHD (``--layout``), without a mask (``--causal``: causal), on each framework's
+default device (``--device``). "uniattn" is the default implementation, a framework's fused
+kernel where one computes the call; "uniattn chunked", listed where the two differ, is
+uniattn's algorithm. Every
 implementation runs in one process per backend, in turns (medians of interleaved
 repetitions, each timed call right after an untimed one of the same implementation, so that
 none is timed in the wake of a dense peer's freed gigabytes), each as a user of that
@@ -37,15 +40,28 @@ def run(
     ns: list[int] | None = None,
     device: str | None = None,
     dtype: str = "float32",
+    causal: bool = False,
+    layout: str = "BTHD",
 ) -> Report:
     ns = ns or lengths(quick, full)
     where = f" on {device}" if device else ""
+    options = f", layout {layout}{', causal' if causal else ''}"
     report = Report(
         "speed",
-        f"Time of attention, batch 1, {HEADS} heads, d {D}, {dtype}{where}; ratio = time / "
-        "uniattn's time (below 1: faster than uniattn); medians of interleaved repetitions.",
+        f"Time of attention, batch 1, {HEADS} heads, d {D}, {dtype}{options}{where}; ratio = "
+        "time / uniattn's time (below 1: faster than uniattn); medians of interleaved "
+        "repetitions. uniattn: the default implementation; uniattn chunked: its algorithm, "
+        "where the default is a fused kernel.",
         ["backend", "mode", "n", "implementation", "ms", "ratio", "GFLOP/s", "% matmul"],
-        raw={"lengths": ns, "heads": HEADS, "d": D, "dtype": dtype, "device": device},
+        raw={
+            "lengths": ns,
+            "heads": HEADS,
+            "d": D,
+            "dtype": dtype,
+            "device": device,
+            "causal": causal,
+            "layout": layout,
+        },
     )
     report.raw["backends"] = {}
     progress = Progress(len(names) * len(ns) * len(MODES), "speed")
@@ -59,6 +75,8 @@ def run(
             "modes": list(MODES),
             "device": device,
             "dtype": dtype,
+            "causal": causal,
+            "layout": layout,
         }
         progress.step(f"{name} (starting)")
 
@@ -70,7 +88,7 @@ def run(
         lines = in_fresh_process(f"{__name__}:measure", spec, on_line=seen)
         report.add_device(lines)
         report.raw["backends"][name] = lines
-        report.rows += _rows(name, lines)
+        report.rows += _rows(name, lines, causal)
     progress.close()
     skipped = sorted(
         {
@@ -101,13 +119,16 @@ def measure(backend, spec: dict) -> None:
     # host one backend's rate had read 22% low at the start of its process.
     emit(matmul_flops_per_s=matmul_rate(backend, dtype=dtype))
     platform = backend.array_platform()
-    found = implementations(backend, platform, dtype)
+    causal, layout = spec.get("causal", False), spec.get("layout", "BTHD")
+    found = implementations(backend, platform, dtype, causal=causal, layout=layout)
     for name, fn in found.items():
         if isinstance(fn, str):
             emit(impl=name, skipped=fn)
     runnable = {name: fn for name, fn in found.items() if not isinstance(fn, str)}
     for n in spec["ns"]:
-        q, k, v, d_out = inputs(backend, n, heads=spec["heads"], d=spec["d"], dtype=dtype)
+        q, k, v, d_out = inputs(
+            backend, n, heads=spec["heads"], d=spec["d"], dtype=dtype, layout=layout
+        )
         for mode in spec["modes"]:
             gradient = mode == "gradient"
             if gradient and not backend.has_autodiff:
@@ -144,7 +165,7 @@ def _matmul_rate(lines) -> float | None:
     return max(rates, default=None)
 
 
-def _rows(name, lines) -> list[list[str]]:
+def _rows(name, lines, causal=False) -> list[list[str]]:
     rate = _matmul_rate(lines)
     rows = []
     for line in lines:
@@ -155,6 +176,8 @@ def _rows(name, lines) -> list[list[str]]:
             continue
         n, mode, seconds = line["n"], line["mode"], line["seconds"]
         flops = attention_flops(n, HEADS, D, gradient=mode == "gradient")
+        if causal:  # half the score matrix
+            flops /= 2
         own = seconds.get("uniattn")
         for impl, t in seconds.items():
             rate_here = flops / t

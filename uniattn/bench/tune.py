@@ -42,7 +42,7 @@ def run(names, quick: bool = False, full: bool = False, device: str | None = Non
         progress.step(f"{name}: {len(pairs) * 2} settings")
 
         def timed(a, b, causal, backend=backend, q=q, k=k, v=v, d_out=d_out):
-            kw = dict(query_chunk_size=a, key_chunk_size=b, causal=causal)
+            kw = dict(query_chunk_size=a, key_chunk_size=b, causal=causal, implementation="chunked")
             if not backend.has_autodiff:  # NumPy: the forward (see the caption)
                 return lambda: uniattn.attention(q, k, v, **kw)
             run = gradients(backend, **kw)
