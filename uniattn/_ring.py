@@ -135,6 +135,7 @@ def ring_attention(
         "key_chunk_size": key_chunk_size,
         "backward": "custom",
         "return_lse": return_lse,
+        "implementation": "chunked",  # every block is the chunk algorithm's
     }
     call = parse(query, key, value, keywords)
     backend = call.backend
