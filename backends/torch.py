@@ -205,7 +205,10 @@ def _sdpa_refusal(call, arrays):
         )
     gqa = call.heads != call.kv_heads
     if call.causal == "bottom_right" and gqa:
-        return "bottom-right causal with grouped key/value heads: torch's causal_lower_right takes no grouped heads"
+        return (
+            "bottom-right causal with grouped key/value heads: torch's causal_lower_right "
+            "calls the kernels without enable_gqa"
+        )
     q, k, v = (_bhtd(x, call.layout) for x in (arrays.q, arrays.k, arrays.v))
     params = torch.backends.cuda.SDPAParams(
         q, k, v, None, 0.0, call.causal == "top_left", gqa and call.causal != "bottom_right"

@@ -4,12 +4,13 @@ n = 1024 … 16384 (``--quick``: 1024, 2048), 8 heads, d 64, float32 (``--dtype`
 layout BTHD (``--layout``), without a mask (``--causal``: causal), on each framework's
 default device (``--device``). "uniattn" is the default implementation, a framework's fused
 kernel where one computes the call; "uniattn chunked", listed where the two differ, is
-uniattn's algorithm. Every
-implementation runs in one process per backend, in turns (medians of interleaved
-repetitions, each timed call right after an untimed one of the same implementation, so that
-none is timed in the wake of a dense peer's freed gigabytes), each as a user of that
-framework would call it: JAX jitted, the others eager. GFLOP/s counts attention's model FLOPs (see ``attention_flops``); "% matmul" is
-that rate over the framework's own matmul rate in that dtype, measured in the same process.
+uniattn's algorithm. Every implementation runs in one process per backend, in turns
+(medians of interleaved repetitions, each timed call right after an untimed one of the same
+implementation, so that none is timed in the wake of a dense peer's freed gigabytes), each
+as a user of that framework would call it: JAX jitted, the others eager. GFLOP/s counts
+attention's model FLOPs (see ``attention_flops``; half of them with ``--causal``); "%
+matmul" is that rate over the framework's own matmul rate in that dtype, measured in the
+same process.
 """
 
 from __future__ import annotations
