@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+# LLVM's optimiser takes most of a compile, and the ring compiles every step of itself.
+os.environ["XLA_FLAGS"] = (
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 
 import jax
 
@@ -33,14 +36,13 @@ def bias(i, j):
     return -0.05 * jnp.abs(i - j).astype(jnp.float32)
 
 
-#: (devices, sharding, case): each sharding and each feature set at 8 devices; the other
-#: ring sizes once each (JAX compiles every step of the ring: few cases keep the suite short).
+#: (devices, sharding, case): each ring size once, each sharding and feature set twice (JAX
+#: compiles every step of the ring: few cases keep the suite short).
 CASES = [
     (8, "zigzag", "causal window segments"),
-    (8, "contiguous", "sinks softcap bias"),
-    (4, "zigzag", "sinks softcap bias"),
-    (2, "contiguous", "causal window segments"),
-    (1, "zigzag", "causal window segments"),
+    (4, "contiguous", "sinks softcap bias"),
+    (2, "zigzag", "sinks softcap bias"),
+    (1, "contiguous", "causal window segments"),
 ]
 
 
