@@ -279,7 +279,7 @@ def _backprop(c: _Context, dtypes, q, k, v, bias, mask, sinks, out, lse, d_out, 
     rows = (by_rows(q), by_rows(t(q), -1), by_rows(d_out), by_rows(t(d_out), -1))
     rows += (by_rows(lse), by_rows(delta), by_rows(c.q_ids))
     # Loop carries start connected to the inputs, so they have the inputs' type where a
-    # framework's type says more than shape and dtype (JAX's varying manual axes).
+    # framework's type says more than shape and dtype (a mesh's varying manual axes).
     zero = _connected_zero(xp, c.acc_dtype, q, k, v)
     dq_sum = _RowSum(c, zero, by_blocks=True)
     db_sum = _RowSum(c, zero, by_blocks=bias is not None and bias.shape[-2] == schedule.rows.length)
