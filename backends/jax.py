@@ -186,7 +186,7 @@ def _varying_alike(args):
 
 def _varying_axes(a) -> frozenset:
     """The manual mesh axes ``a`` varies over (empty outside ``jax.shard_map``)."""
-    if a is None:
+    if a is None or not hasattr(jax, "typeof"):  # older JAX: no typeof, no manual axis types
         return frozenset()
     aval = jax.typeof(a)
     manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10; 0.6 to 0.9 call it vma
