@@ -193,10 +193,8 @@ def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool):
         seen = l != 0.0
         l_safe = xp.where(seen, l, 1.0)
         out, lse = acc / l_safe, xp.where(seen, m + xp.log(l_safe), NEG_INF)
-        if sinks_c is not None:  # one more logit in the normaliser, with a zero value
-            total = xp.logaddexp(lse, sinks_c)
-            out = out * xp.where(seen, xp.exp(lse - xp.where(seen, total, 0.0)), 0.0)
-            lse = total
+        if sinks_c is not None:
+            out, lse = join_sinks(xp, out, lse, sinks_c)
         return out, lse[..., 0]
 
     if remat:
@@ -340,9 +338,8 @@ def _backprop(c: _Context, dtypes, q, k, v, bias, mask, sinks, out, lse, d_out, 
     elif bias is not None:
         db = db_sum.value(db)
     d_sinks = None
-    if sinks is not None:  # d L / d sink = exp(sink - L), and out depends on L alone
-        per_row = c.fold(xp.exp(sinks - lse) * delta)  # [.., kv_heads, groups, q_len, 1]
-        d_sinks = _sum_to(xp, -xp.sum(per_row, axis=-2, keepdims=True), c.fold(sinks).shape)
+    if sinks is not None:  # folding is its own inverse: these are the unfolded operands
+        d_sinks = sink_cotangent(xp, c.fold(sinks), c.fold(lse), c.fold(delta))
     grads = (c.fold(dq_sum.value(dq)) * c.options.scale, dk, dv, c.fold(db), d_sinks)
     return tuple(None if g is None else xp.astype(g, d) for g, d in zip(grads, dtypes, strict=True))
 
@@ -564,6 +561,22 @@ class _Context:
             inside = xp.reshape(positions, (-1, 1)) < self.k_lengths
             k, v = xp.where(inside, k, 0.0), xp.where(inside, v, 0.0)
         return k, v
+
+
+def join_sinks(xp, out, lse, sinks):
+    """``out`` and ``lse`` (``[.., rows, 1]``) with each row's sink logit joining its
+    normaliser as one more logit with a zero value; rows that see no key keep output 0."""
+    seen = lse != NEG_INF
+    total = xp.logaddexp(lse, sinks)
+    return out * xp.where(seen, xp.exp(lse - xp.where(seen, total, 0.0)), 0.0), total
+
+
+def sink_cotangent(xp, sinks, lse, delta):
+    """``d sinks`` from the logsumexp ``L`` and ``Δ = rowsum(dO ∘ O) - d_lse`` (both
+    ``[.., rows, 1]``): ``d L / d sink = exp(sink - L)``, and the output depends on ``L``
+    alone, so the cotangent is ``-Σ_rows exp(sink - L) Δ``, summed to the sinks' shape."""
+    per_row = xp.exp(sinks - lse) * delta
+    return _sum_to(xp, -xp.sum(per_row, axis=-2, keepdims=True), sinks.shape)
 
 
 def _connected_zero(xp, dtype, *arrays):

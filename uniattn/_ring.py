@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from . import _algorithm
+from ._api import _DEFAULTS
 from ._arguments import canonical_arrays, from_canonical, lse_shape, parse, unpack
 from ._dispatch import backend_of, type_name
 from ._schedule import Schedule
@@ -117,26 +118,22 @@ def ring_attention(
             )
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding must be one of {SHARDINGS}; got {sharding!r}")
-    keywords = {
+    ring_keywords = {
         "bias": bias,
         "mask": mask,
         "causal": causal,
         "window": window,
-        "query_lengths": None,
-        "key_lengths": None,
         "segment_ids": segment_ids,
         "sinks": sinks,
         "softcap": softcap,
-        "dropout_rate": 0.0,
-        "dropout_seed": None,
         "scale": scale,
         "layout": layout,
         "query_chunk_size": query_chunk_size,
         "key_chunk_size": key_chunk_size,
-        "backward": "custom",
         "return_lse": return_lse,
         "implementation": "chunked",  # every block is the chunk algorithm's
     }
+    keywords = {**_DEFAULTS, **ring_keywords}  # no lengths, no dropout, the custom backward
     call = parse(query, key, value, keywords)
     backend = call.backend
     q_len, heads, _ = unpack(call.arrays.q.shape, layout)
@@ -210,7 +207,8 @@ class _Plan:
         out = xp.concat([o for o, _ in merged], axis=-2)
         lse = xp.concat([s for _, s in merged], axis=-1)
         if sinks is not None:
-            out, lse = _with_sinks(xp, out, lse, xp.astype(sinks, lse.dtype))
+            out, lse = _algorithm.join_sinks(xp, out, lse[..., None], xp.astype(sinks, lse.dtype))
+            lse = lse[..., 0]
         return (out, lse), (q, k, v, q_ids, kv_ids, sinks, out, lse)
 
     def backward(self, residuals, cotangents):
@@ -258,12 +256,11 @@ class _Plan:
         dk, dv = receive_d()  # after ``size`` steps: this rank's own keys
         dq = xp.concat(dq_parts, axis=-2)
         d_sinks = None
-        if sinks is not None:  # d L / d sink = exp(sink - L); summed over every rank's rows
+        if sinks is not None:  # this rank's rows' share, summed over every rank's rows
             delta = xp.vecdot(lift(d_out), out)[..., None]
             if d_lse is not None:
                 delta = delta - lift(d_lse)[..., None]
-            per_row = xp.exp(lift(sinks) - lse[..., None]) * delta
-            d_sinks = _sum_to(xp, -xp.sum(per_row, axis=-2, keepdims=True), sinks.shape)
+            d_sinks = _algorithm.sink_cotangent(xp, lift(sinks), lse[..., None], delta)
             d_sinks = xp.astype(ring.sum_replicated(d_sinks), sinks.dtype)
         grads = tuple(xp.astype(g, x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
         return (*grads, None, None, d_sinks)
@@ -281,19 +278,6 @@ def _cut(x, segment: Segment, axis: int):
 
 def _add(total, x):
     return x if total is None else total + x
-
-
-def _sum_to(xp, x, shape):
-    axes = tuple(i for i, (n, m) in enumerate(zip(shape, x.shape, strict=True)) if n == 1 != m)
-    return xp.sum(x, axis=axes, keepdims=True) if axes else x
-
-
-def _with_sinks(xp, out, lse, sinks):
-    """``out`` and ``lse`` with each row's sink joining its normaliser (zero value)."""
-    seen = (lse != NEG_INF)[..., None]
-    total = xp.logaddexp(lse[..., None], sinks)
-    scale = xp.where(seen, xp.exp(lse[..., None] - xp.where(seen, total, 0.0)), 0.0)
-    return out * scale, total[..., 0]
 
 
 # -- merging ------------------------------------------------------------------------------
