@@ -238,13 +238,17 @@ class Backend:
         sanitize: Callable[..., tuple],
         operands: tuple,
         passed: tuple = (),
+        reuse: int = 1,
     ):
         """``fn(*operands, *passed)`` if the 0-d bool ``pred`` holds, else
         ``fn(*sanitize(*operands), *passed)``.
 
-        The default branches on ``operands`` alone (:meth:`cond`), so a graph holds ``fn``
-        once; an adapter whose conditional copies the arrays it returns branches around
-        ``fn`` instead.
+        ``sanitize`` is elementwise and leaves ``fn``'s result unchanged where ``pred``
+        holds, so an adapter may always take it; ``reuse`` says about how often ``fn`` reads
+        each operand entry (the query rows each key meets), hence what a pass over the
+        operands costs against ``fn``. The default branches on ``operands`` alone
+        (:meth:`cond`), so a graph holds ``fn`` once; an adapter whose conditional copies
+        the arrays it returns branches around ``fn`` instead.
         """
         return fn(*self.cond(pred, _identity, sanitize, operands), *passed)
 

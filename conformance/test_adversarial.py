@@ -31,11 +31,11 @@ STRUCTURES = {
 }
 
 
-def _inputs(where: str, value: float):
+def _inputs(where: str, value: float, q_len: int = Q_LEN, kv_len: int = KV_LEN):
     rng = np.random.default_rng(0)
-    q = rng.standard_normal((2, Q_LEN, HEADS, D))
-    k = rng.standard_normal((2, KV_LEN, HEADS, D))
-    v = rng.standard_normal((2, KV_LEN, HEADS, D))
+    q = rng.standard_normal((2, q_len, HEADS, D))
+    k = rng.standard_normal((2, kv_len, HEADS, D))
+    v = rng.standard_normal((2, kv_len, HEADS, D))
     clean = {"query": q, "key": k, "value": v}
     bad = {n: x.copy() for n, x in clean.items()}
     index = BAD_ROW if where == "query" else BAD_KEY
@@ -43,16 +43,16 @@ def _inputs(where: str, value: float):
     return clean, bad
 
 
-def _attending(where: str, structure: dict) -> np.ndarray:
+def _attending(where: str, structure: dict, q_len: int, kv_len: int) -> np.ndarray:
     """``[batch, q_len, heads]``: the rows that attend the bad entry, found with a probe
     (zero scores, a value of 1 at the bad key only: exactly its viewers get nonzero)."""
     if where == "query":
-        rows = np.zeros((2, Q_LEN, HEADS), dtype=bool)
+        rows = np.zeros((2, q_len, HEADS), dtype=bool)
         rows[:, BAD_ROW, BAD_HEAD] = True
         return rows
-    probe = np.zeros((2, KV_LEN, HEADS, 1))
+    probe = np.zeros((2, kv_len, HEADS, 1))
     probe[:, BAD_KEY, BAD_HEAD] = 1.0
-    q, k = np.zeros((2, Q_LEN, HEADS, 1)), np.zeros((2, KV_LEN, HEADS, 1))
+    q, k = np.zeros((2, q_len, HEADS, 1)), np.zeros((2, kv_len, HEADS, 1))
     return reference.attention(q, k, probe, **structure)[..., 0] != 0.0
 
 
@@ -68,20 +68,31 @@ def _kwargs(backend, structure: dict) -> dict:
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("where", ["query", "key", "value"])
 def test_non_finite_input_affects_only_rows_that_attend_it(backend, where, value, structure):
-    clean, bad = _inputs(where, value)
-    kwargs = {**_kwargs(backend, STRUCTURES[structure]), **CHUNKS}
-    repro = f"{backend.name}: {where}[:, {BAD_ROW if where == 'query' else BAD_KEY}] = {value}, {structure}"
+    _check_non_finite(backend, where, value, STRUCTURES[structure], structure, Q_LEN, KV_LEN)
+
+
+@pytest.mark.parametrize("where", ["query", "key", "value"])
+def test_non_finite_input_with_many_rows_per_key(backend, where):
+    """The rule where every key meets many query rows: an adapter may then sanitize every
+    call rather than branch on whether the inputs are finite (``Backend.cond_call``)."""
+    structure = dict(causal=True, key_lengths=np.array([70, 66]))
+    chunks = dict(CHUNKS, query_chunk_size=32, key_chunk_size=32)  # overlapping last chunks
+    _check_non_finite(backend, where, np.nan, structure, "causal, key lengths", 67, 70, chunks)
+
+
+def _check_non_finite(backend, where, value, structure, label, q_len, kv_len, chunks=CHUNKS):
+    clean, bad = _inputs(where, value, q_len, kv_len)
+    kwargs = {**_kwargs(backend, structure), **chunks}
+    repro = f"{backend.name}: {where}[:, {BAD_ROW if where == 'query' else BAD_KEY}] = {value}, {label}, q_len {q_len}"
     arrays = _to(backend, bad, "float64")
     out, lse = uniattn.attention(*arrays.values(), return_lse=True, **kwargs)
     out, lse = backend.to_numpy(out), backend.to_numpy(lse)
     for name, x in bad.items():  # not mutated, NaN included
         np.testing.assert_array_equal(backend.to_numpy(arrays[name]), x, err_msg=name)
 
-    expected, expected_lse = reference.attention(
-        *bad.values(), return_lse=True, **STRUCTURES[structure]
-    )
+    expected, expected_lse = reference.attention(*bad.values(), return_lse=True, **structure)
     affected = np.isnan(expected).any(axis=-1)
-    assert np.array_equal(affected, _attending(where, STRUCTURES[structure])), repro
+    assert np.array_equal(affected, _attending(where, structure, q_len, kv_len)), repro
     assert affected.any() and not affected.all(), repro  # the case exercises the rule
     assert np.array_equal(np.isnan(out).any(axis=-1), affected), f"NaN rows differ\n{repro}"
     assert np.isnan(out[affected]).all() and np.isnan(np.moveaxis(lse, -1, -2)[affected]).all()
@@ -108,7 +119,7 @@ def test_non_finite_input_affects_only_rows_that_attend_it(backend, where, value
             strict=True,
         )
     )
-    ref = reference.vjp(*bad.values(), d_out, **STRUCTURES[structure])
+    ref = reference.vjp(*bad.values(), d_out, **structure)
     want = {"query": ref.dq, "key": ref.dk, "value": ref.dv}
     assert all(np.isfinite(g).all() for g in got.values()), f"non-finite gradient\n{repro}"
     assert_gradients_close(got, want, "float64", what="custom gradients", repro=repro)

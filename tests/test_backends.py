@@ -195,6 +195,23 @@ def test_jax_multiplies_bfloat16_operands_into_float32(monkeypatch):
         assert set(products) == {("bf16", "bf16", "f32")}, products
 
 
+@pytest.mark.parametrize(("q_len", "branches"), [(128, False), (1, True)])
+def test_jax_sanitizes_where_keys_meet_many_rows(q_len, branches):
+    """JAX's ``cond_call``: a call whose keys each meet many query rows sanitizes its
+    operands unconditionally (no conditional in the lowered program: every loop bound is
+    static here), a decoding step branches on whether they are finite."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    q, kv = jnp.ones((1, q_len, 4, 16)), jnp.ones((1, 128, 4, 16))
+
+    def f(q, k, v):
+        return uniattn.attention(q, k, v, query_chunk_size=32, key_chunk_size=32)
+
+    for fn in (f, jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2))):
+        lowered = jax.jit(fn).lower(q, kv, kv).as_text()
+        assert ("stablehlo.case" in lowered) == branches
+
+
 def test_torch_16bit_product_folds_groups_and_broadcasts():
     """torch's float32 product of 16-bit operands (``bmm(out_dtype=...)``, CUDA only) is
     ``a @ b`` for the algorithm's operand shapes: a key chunk broadcast over its group of

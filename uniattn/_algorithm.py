@@ -142,7 +142,8 @@ def forward(backend: Any, ops: Operands, *, options: Options, remat=True, starts
         )
     passed = (c.lift(c.fold(ops.bias)), c.fold(ops.mask), c.lift(c.fold(ops.sinks)))
     attend = functools.partial(_attend, c, remat=remat)
-    return backend.cond_call(c.all_finite(q, k, v), attend, c.isolated, (q, k, v), passed)
+    finite = c.all_finite(q, k, v)
+    return backend.cond_call(finite, attend, c.isolated, (q, k, v), passed, reuse=c.reuse)
 
 
 def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool):
@@ -234,7 +235,8 @@ def backward(
     q, k, v = c.operand(c.fold(q)), c.operand(k), c.operand(v)
     backprop = functools.partial(_backprop, c, dtypes)
     passed = (bias, ops.mask, sinks, out, lse, d_out, d_lse)
-    return backend.cond_call(c.all_finite(q, k, v), backprop, c.zeroed, (q, k, v), passed)
+    finite = c.all_finite(q, k, v)
+    return backend.cond_call(finite, backprop, c.zeroed, (q, k, v), passed, reuse=c.reuse)
 
 
 class _RowChunk(NamedTuple):
@@ -402,6 +404,9 @@ class _Context:
         )
         self.q_ids, self.kv_ids = ops.q_ids, ops.kv_ids
         self.empty = 0 in q.shape[:-1] or self.kv_len == 0
+        # How often the loops read each entry of q, k and v: the rows each key meets, at
+        # most the keys each row meets (``Backend.cond_call``).
+        self.reuse = min(q.shape[-3] if self.folded else self.q_len, self.kv_len)
         live = not self.empty
         # The longest sequence bounds the loops (an empty batch has none: nothing runs).
         self.schedule = Schedule(
