@@ -1,15 +1,18 @@
 """``masks``: what skipping fully masked chunks saves, and what dropout costs.
 
 float32, batch 1, 4 heads, d 64, medians of 5 interleaved repetitions, forward and
-forward+backward (``backward="custom"``), each against its baseline: causal against full
-attention at n 8192; window (256, 0) against full at n 16384; 8 documents of n / 8 packed
-(segment ids) and causal against whole-sequence causal at n 8192; dropout 0.1 against none
-at n 2048 (its "speed-up" is below 1: the cost); and decoding one query against a
-32768-long cache (32 heads on 8 kv heads, d 128) against the framework's plain attention.
+forward+backward (``backward="custom"``), each staged as ``bench speed`` stages it (JAX:
+``jax.jit``) and against its baseline: causal against full attention at n 8192; window
+(256, 0) against full at n 16384; 8 documents of n / 8 packed (segment ids) and causal
+against whole-sequence causal at n 8192; dropout 0.1 against none at n 2048 (its "speed-up"
+is below 1: the cost); and decoding one query against a 32768-long cache (32 heads on 8 kv
+heads, d 128) against the framework's plain attention.
 ``--quick``: n 2048 / 4096 / 2048 / 1024 / 8192.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -89,17 +92,33 @@ def _masked_and_full_times(backend, n: int, kwargs: dict, baseline: dict | None)
     kwargs = dict(kwargs, implementation="chunked")  # what skipping chunks saves
     documents = kwargs.pop("documents", None)
     baseline = dict(kwargs) if baseline is None else dict(baseline, implementation="chunked")
+    ids = None
     if documents is not None:
-        ids = np.repeat(np.arange(documents, dtype=np.int32), n // documents)[None, :]
-        kwargs["segment_ids"] = backend.asarray(ids)
-    masked_grad, full_grad = gradients(backend, **kwargs), gradients(backend, **baseline)
-    fns = {
-        "masked": lambda: uniattn.attention(q, k, v, **kwargs),
-        "full": lambda: uniattn.attention(q, k, v, **baseline),
-        "masked_grad": lambda: masked_grad(q, k, v, d_out),
-        "full_grad": lambda: full_grad(q, k, v, d_out),
+        ids = backend.asarray(np.repeat(np.arange(documents, dtype=np.int32), n // documents))
+        ids = backend.namespace().reshape(ids, (1, n))
+
+    # Staged as a user compiles a step (`jax.jit`, `tf.function`), like `bench speed`,
+    # with the ids an argument (data, not a constant of the compiled function).
+    def forward(options):
+        return lambda q, k, v, ids: uniattn.attention(q, k, v, **options, **_packed(ids))
+
+    def backward(options):
+        return lambda q, k, v, d_out, ids: gradients(backend, **options, **_packed(ids))(
+            q, k, v, d_out
+        )
+
+    runs = {
+        "masked": (forward(kwargs), (q, k, v, ids)),
+        "full": (forward(baseline), (q, k, v, None)),
+        "masked_grad": (backward(kwargs), (q, k, v, d_out, ids)),
+        "full_grad": (backward(baseline), (q, k, v, d_out, None)),
     }
+    fns = {name: functools.partial(backend.stage(fn), *args) for name, (fn, args) in runs.items()}
     return interleaved_medians(fns, backend.block, repeats=5)
+
+
+def _packed(ids) -> dict:
+    return {} if ids is None else {"segment_ids": ids}
 
 
 def _decode_times(backend, n_cache: int) -> dict:
