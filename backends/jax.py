@@ -167,8 +167,8 @@ class JaxBackend(Backend):
         if reuse >= _SANITIZE_FROM_REUSE:
             # XLA fuses the elementwise sanitizing into the copies that lay the operands
             # out in chunks, where a conditional would first materialise them flat and
-            # compile fn twice: n 8192 forward 36 -> 18 ms of fixed cost, temporaries
-            # 53 -> 29 MiB. A decoding step keeps the branch: a pass over its cache
+            # compile fn twice: n 8192 forward 35-42 -> 18-25 ms of fixed cost,
+            # temporaries 53 -> 29 MiB. A decoding step keeps the branch: a pass over its cache
             # costs as much as its attention.
             return fn(*sanitize(*operands), *passed)
         # Around fn: branching on the operands alone would return them as new buffers

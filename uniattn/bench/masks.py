@@ -94,8 +94,7 @@ def _masked_and_full_times(backend, n: int, kwargs: dict, baseline: dict | None)
     baseline = dict(kwargs) if baseline is None else dict(baseline, implementation="chunked")
     ids = None
     if documents is not None:
-        ids = backend.asarray(np.repeat(np.arange(documents, dtype=np.int32), n // documents))
-        ids = backend.namespace().reshape(ids, (1, n))
+        ids = backend.asarray(np.repeat(np.arange(documents, dtype=np.int32), n // documents)[None])
 
     # Staged as a user compiles a step (`jax.jit`, `tf.function`), like `bench speed`,
     # with the ids an argument (data, not a constant of the compiled function).
