@@ -462,3 +462,62 @@ _CASES = [
 ]
 CASES: dict[str, Case] = {c.name: c for c in _CASES}
 assert len(CASES) == len(_CASES), "case names must be unique"
+
+#: Half the table that holds every kind of structure it has: batch axes (none to three,
+#: empty), grouped heads, head dimensions, every mask feature and its broadcasts, lengths,
+#: packing (one id array, a pair, shuffled), sinks, soft-capping, dropout, decoding, chunk
+#: sizes (1, uneven, above the lengths), empty shapes, huge logits, both layouts and every
+#: dtype (``tests/test_case_table.py`` checks that it does). Backends whose every call
+#: compiles run these by default (``PARTIAL`` in ``conftest.py``).
+REPRESENTATIVE: tuple[str, ...] = (
+    "basic",
+    "no-batch",
+    "three-batch-axes",
+    "non-divisible",
+    "dv-ne-dk",
+    "single-query",
+    "causal-q-longer",
+    "top-left",
+    "window-q-longer",
+    "window-right-only",
+    "bias-per-head-key",
+    "bias-minus-inf",
+    "mask-all-off",
+    "mask-and-bias-causal",
+    "gqa-mask-bhtd",
+    "alibi",
+    "documents-mask",
+    "callables-window-lengths",
+    "key-lengths",
+    "lengths-two-batch-axes",
+    "empty-batch-lengths",
+    "empty-batch-bias",
+    "no-queries",
+    "no-keys",
+    "all-keys-padded",
+    "decode-gqa-lengths",
+    "decode-window-alibi",
+    "decode-bias-scalar",
+    "packed",
+    "packed-decode",
+    "packed-shuffled",
+    "sinks-decode",
+    "sinks-per-batch",
+    "softcap",
+    "dropout",
+    "huge-logits-causal",
+    "everything",
+)
+#: The representative cases that such backends run in each of their dtypes (the others
+#: in float32): every dtype with plain, callable-biased, decoding, fully masked, packed,
+#: dropout and all-feature calls.
+DTYPE_CASES: tuple[str, ...] = (
+    "basic",
+    "alibi",
+    "decode-gqa-lengths",
+    "decode-bias-scalar",
+    "all-keys-padded",
+    "packed",
+    "dropout",
+    "everything",
+)

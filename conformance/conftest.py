@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from typing import NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # float64 cases need JAX's x64 mode (array-api-tests does the same); the x64-off default
@@ -41,7 +42,7 @@ from hypothesis import HealthCheck, settings
 from uniattn import backends
 
 from . import harness
-from .cases import CASES, WIDE
+from .cases import ALL_DTYPES, CASES, DTYPE_CASES, REPRESENTATIVE, WIDE
 from .xfails import NEEDS_DTYPE, SKIPS, XFAILS
 
 # array-api-strict's strictest settings (its environment variables: subprocesses inherit
@@ -54,38 +55,30 @@ STRICTEST = {
     "ARRAY_API_STRICT_ENABLED_EXTENSIONS": "",
 }
 
-# Dask runs a representative part of the suite (``--dask-full-suite``: all of it). Its
-# arrays run the generic adapter that array-api-strict runs the whole suite through, on
-# NumPy blocks; what Dask adds is a lazy graph, some 20 tasks per chunk pair forward and
-# 40 with the backward, each about a millisecond to build and as much to run on a CPU,
-# which puts the whole suite above 5 minutes on 2 cores. The part kept covers what
-# laziness changes: every structure of the case table (broadcast bias and mask, causal,
-# window, decoding, grouped heads, packing, sinks, soft-capping, dropout), lengths and
-# segment ids (loop bounds Dask computes), empty shapes (Dask's chunking of empty
-# arrays), callables, and one chunking per path of the other tests; in float64 (NumPy
-# computes each block, whatever the dtype).
-DASK_CASES = (
+#: Test prefix -> the parameter ids a backend of :data:`PARTIAL` keeps (each kept tuple's
+#: parts must all appear in the test's id; an empty list: the test does not run).
+Parameters = dict[str, list[tuple[str, ...]]]
+
+# A NaN takes the same path as an infinity (``isfinite``): every placement and structure
+# with NaN, and every value with one structure.
+_NON_FINITE = {
+    "test_adversarial.py::test_non_finite_input_affects_only_rows_that_attend_it[": [
+        ("nan",),
+        ("key-lengths",),
+    ],
+}
+# backward="autodiff" compiles the rematerialised loops and their transpose, half a case's
+# time on JAX: float32, on the cases whose structure sets the loops (bands, data-dependent
+# bounds, empty loops, folded decoding) or adds a formula to differentiate.
+_AUTODIFF_CASES = (
     "basic",
-    "non-divisible",
-    "single-query",
     "causal-q-longer",
-    "bias-per-head-key",
-    "mask-all-off",
-    "mask-and-bias-causal",
-    "gqa-mask-bhtd",
     "window-q-longer",
+    "mask-and-bias-causal",
     "key-lengths",
-    "lengths-two-batch-axes",
     "empty-batch-lengths",
-    "no-queries",
     "no-keys",
-    "all-keys-padded",
-    "empty-batch-bias",
-    "alibi",
     "decode-gqa-lengths",
-    "decode-window-alibi",
-    "bias-minus-inf",
-    "top-left",
     "packed",
     "packed-decode",
     "sinks-decode",
@@ -93,15 +86,86 @@ DASK_CASES = (
     "dropout",
     "everything",
 )
-DASK_DTYPES = ("float64",)
-#: Test prefix -> the parameter ids Dask keeps (each must appear in the test's id); an
-#: empty list: the test does not run on Dask (its chunk size 1 is 1517 chunk pairs).
-DASK_PARAMETERS: dict[str, list[tuple[str, ...]]] = {
-    "test_features.py::test_dropout_mask_ignores_chunks_and_layout[": [],
-    "test_semantics.py::test_chunk_size_invariance[": [("16x16",), ("10000x10000",)],
-    "test_adversarial.py::test_non_finite_input_affects_only_rows_that_attend_it[": [
-        ("key-lengths", "nan"),
-    ],
+
+
+def _gradient_parts(backend: str) -> Parameters:
+    """The gradient tests' part on a compiling ``backend``: ``backward="autodiff"`` above;
+    uniattn.vjp on the dtype cases, since it calls the same staged forward and backward as
+    the framework's custom-gradient hook (test_gradients_custom, every representative case),
+    which each entry compiles apart."""
+
+    def exact(names, dtypes):
+        return [(f"[{backend}-{name}-{dtype}]",) for name in names for dtype in dtypes]
+
+    return {
+        "test_reference.py::test_gradients_autodiff[": exact(_AUTODIFF_CASES, ("float32",)),
+        "test_reference.py::test_gradients_vjp[": exact(DTYPE_CASES, ALL_DTYPES),
+    }
+
+
+# Dask's laziness changes how loop bounds are found and empty shapes chunked; the generic
+# adapter's arithmetic runs the whole table on array-api-strict.
+_LAZY_CASES = (
+    "key-lengths",
+    "lengths-two-batch-axes",
+    "empty-batch-lengths",
+    "no-queries",
+    "no-keys",
+    "packed-decode",
+    "sinks-decode",
+    "softcap",
+)
+
+
+class Partial(NamedTuple):
+    """How a backend's default run is cut down: ``cases`` run in ``dtype``, those of
+    ``dtype_cases`` also in every other dtype they list; ``parameters`` are the ones kept of
+    some tests; ``reason`` says why."""
+
+    cases: tuple[str, ...]
+    dtype: str
+    dtype_cases: tuple[str, ...]
+    parameters: Parameters
+    reason: str
+
+
+#: Backends whose default run covers part of the case table (``--full``: everything). The
+#: algorithm runs every case in every dtype on NumPy, PyTorch and array-api-strict; what
+#: these add is how they stage it, which the part kept covers.
+PARTIAL: dict[str, Partial] = {
+    "jax": Partial(
+        REPRESENTATIVE,
+        "float32",
+        DTYPE_CASES,
+        {**_NON_FINITE, **_gradient_parts("jax")},
+        "each (case, dtype) compiles a forward, a backward and an autodiff program: about "
+        "16 s with XLA on a 2-core CPU, some 50 minutes for the whole table (180 of them)",
+    ),
+    "tensorflow": Partial(
+        REPRESENTATIVE,
+        "float32",
+        DTYPE_CASES,
+        {**_NON_FINITE, **_gradient_parts("tensorflow")},
+        "each (case, dtype) traces a forward and a backward tf.function graph: about 6 s "
+        "on a 2-core CPU, some 20 minutes for the whole table (180 of them)",
+    ),
+    "dask": Partial(
+        DTYPE_CASES + _LAZY_CASES,
+        "float64",
+        (),
+        {
+            # Chunk size 1 is 1517 chunk pairs.
+            "test_features.py::test_dropout_mask_ignores_chunks_and_layout[": [],
+            "test_semantics.py::test_chunk_size_invariance[": [("16x16",), ("10000x10000",)],
+            "test_adversarial.py::test_non_finite_input_affects_only_rows_that_attend_it[": [
+                ("key-lengths", "nan"),
+            ],
+        },
+        "Dask runs the generic adapter that array-api-strict runs the whole suite "
+        "through, on NumPy blocks (float64 only: NumPy computes each block, whatever the "
+        "dtype); what it adds is a lazy graph, some 20 tasks per chunk pair forward and 40 "
+        "with the backward, each about a millisecond to build and as much to run",
+    ),
 }
 
 # Hypothesis profiles (test_properties.py): "ci", the default, is seeded and bounded;
@@ -128,9 +192,10 @@ def pytest_addoption(parser):
         "with no data-dependent shapes, no boolean indexing and no extensions",
     )
     parser.addoption(
-        "--dask-full-suite",
+        "--full",
         action="store_true",
-        help="run every case and parameter on Dask, not the representative part (DASK_CASES)",
+        help="run every case of the table on every backend; without it JAX, TensorFlow and "
+        "Dask run the representative cases (PARTIAL in conformance/conftest.py says why)",
     )
     parser.addoption(
         "--implementation",
@@ -226,6 +291,9 @@ def pytest_report_header(config):
         import array_api_strict
 
         header += f"\narray-api-strict flags: {array_api_strict.get_array_api_strict_flags()}"
+    partial = [b.name for b in loaded if _partial(config, b) is not None]
+    if partial:
+        header += f"\npart of the case table on {', '.join(partial)} (--full: all of it)"
     return header
 
 
@@ -287,15 +355,23 @@ def has_fused_kernel(backend) -> bool:
     return _FUSED[key]
 
 
+def _partial(config, backend) -> Partial | None:
+    """How ``backend``'s run is cut down (:data:`PARTIAL`), or None: it runs in full."""
+    return None if config.getoption("full") else PARTIAL.get(backend.name)
+
+
 def _runs(config, backend, case, dtype) -> bool:
-    """Whether ``case`` runs in ``dtype`` on ``backend`` (Dask: :data:`DASK_CASES`)."""
-    if backend.name != "dask" or config.getoption("dask_full_suite"):
+    """Whether ``case`` runs in ``dtype`` on ``backend`` (:data:`PARTIAL`)."""
+    partial = _partial(config, backend)
+    if partial is None:
         return True
-    return case.name in DASK_CASES and dtype in DASK_DTYPES
+    if case.name not in partial.cases:
+        return False
+    return dtype == partial.dtype or case.name in partial.dtype_cases
 
 
-def _kept_on_dask(test_id: str) -> bool:
-    for prefix, kept in DASK_PARAMETERS.items():
+def _kept(partial: Partial, test_id: str) -> bool:
+    for prefix, kept in partial.parameters.items():
         if test_id.startswith(prefix):
             return any(all(part in test_id for part in ids) for ids in kept)
     return True
@@ -309,8 +385,8 @@ def pytest_collection_modifyitems(config, items):
             kept.append(item)
             continue
         test_id = f"{item.path.name}::{item.name}"
-        dask_part = backend.name == "dask" and not config.getoption("dask_full_suite")
-        if dask_part and not _kept_on_dask(test_id):
+        partial = _partial(config, backend)
+        if partial is not None and not _kept(partial, test_id):
             deselected.append(item)
             continue
         kept.append(item)

@@ -32,7 +32,9 @@ def selected(request):
 
 
 @pytest.mark.parametrize("name", AGREEMENT_CASES)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+# float32, what models run. In float64 each backend is within its tolerance of the
+# reference (test_reference.py), so any two are within twice that of each other.
+@pytest.mark.parametrize("dtype", ["float32"])
 def test_backends_agree_forward(selected, name, dtype):
     outs = {}
     for b in selected:

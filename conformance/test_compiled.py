@@ -12,13 +12,9 @@ from .cases import CASES, segment_ids
 from .harness import prepare
 from .tolerances import assert_close, assert_gradients_close
 
-COMPILED_CASES = [
-    "non-divisible",
-    "mask-and-bias-causal",
-    "gqa",
-    "callables-window-lengths",
-    "everything",
-]
+# Every compile is 5-40 s on a CPU (torch.compile's inductor the slowest): three cases
+# that between them hold uneven chunks, GQA, arrays and callables, every mask feature.
+COMPILED_CASES = ["mask-and-bias-causal", "callables-window-lengths", "everything"]
 
 
 def _needs_compiler(backend):
@@ -44,7 +40,7 @@ def _check_gradients(p, grads, what):
 
 @pytest.mark.needs_autodiff
 @pytest.mark.parametrize("mode", ["custom", "autodiff"])
-@pytest.mark.parametrize("name", ["mask-and-bias-causal", "lengths-causal-gqa"])
+@pytest.mark.parametrize("name", ["lengths-causal-gqa"])
 def test_compiled_gradient_step(backend, mode, name):
     """A whole gradient step (forward and vjp) compiled at once; lengths are arguments of
     the compiled function, so the loop bounds they set are traced values."""
