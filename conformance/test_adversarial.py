@@ -1,6 +1,6 @@
 """Adversarial values on every backend: non-finite inputs, huge logits, -inf biases.
 
-The rule for non-finite inputs (README, "Non-finite inputs"): a NaN or
+The rule for non-finite inputs (docs/semantics.md, "Non-finite inputs"): a NaN or
 inf in a query, key or value turns NaN exactly the output rows (and lse) that attend it;
 every other row is exactly what it would be without it. Under ``backward="custom"`` the
 gradients treat those rows as constants, so every gradient stays finite and the others

@@ -1,4 +1,5 @@
-"""Every documented misuse (README, "Errors"), on every backend's arrays, eager and compiled.
+"""Every documented misuse (docs/semantics.md, "Errors"), on every backend's arrays, eager
+and compiled.
 
 ``tests/test_errors.py`` covers each argument's checks in depth on NumPy; here each documented
 item is tried with the backend's own arrays, so that no error comes from deep inside a

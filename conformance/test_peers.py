@@ -10,7 +10,7 @@ The peers' ``is_causal`` is aligned top-left, uniattn's ``causal=True`` bottom-r
 agree when ``q_len == kv_len``; uniattn's ``causal="top_left"`` is compared with them at
 ``q_len < kv_len`` too. A row that sees no key is 0
 in uniattn; jax returns the mean of V there and SDPA NaN, so those rows are compared to
-the reference only (see README, "Semantics").
+the reference only (see docs/semantics.md).
 """
 
 from __future__ import annotations
