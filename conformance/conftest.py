@@ -7,7 +7,8 @@ another package registers under the entry-point group ``uniattn.backends``. With
 without ``--device``, on each framework's default device (``--device cuda``: torch's GPU;
 JAX names it ``gpu``; array-api-strict has ``device1``). Tests that take a ``backend``
 argument run once per selected backend; tests that also take ``case`` and ``dtype`` run
-over the case table in each dtype the backend supports.
+over the case table in each dtype the backend supports, except on the backends of
+:data:`PARTIAL`, which compile each case and run part of the table unless ``--full``.
 
 ``--array-api-strict-flags=strictest`` runs array-api-strict at the oldest version of the
 standard the algorithm needs, with no data-dependent shapes, no boolean indexing and no
