@@ -130,9 +130,9 @@ class Partial(NamedTuple):
     reason: str
 
 
-#: Backends whose default run covers part of the case table (``--full``: everything). The
+#: Backends whose default run covers part of the suite (``--full``: everything). The
 #: algorithm runs every case in every dtype on NumPy, PyTorch and array-api-strict; what
-#: these add is how they stage it, which the part kept covers.
+#: JAX, TensorFlow and Dask add is how they stage it, which the part kept covers.
 PARTIAL: dict[str, Partial] = {
     "jax": Partial(
         REPRESENTATIVE,
@@ -149,6 +149,17 @@ PARTIAL: dict[str, Partial] = {
         {**_NON_FINITE, **_gradient_parts("tensorflow")},
         "each (case, dtype) traces a forward and a backward tf.function graph: about 6 s "
         "on a 2-core CPU, some 20 minutes for the whole table (180 of them)",
+    ),
+    "torch": Partial(
+        tuple(CASES),
+        "float32",
+        tuple(CASES),  # every case in every dtype
+        {"test_compiled.py::test_compiled_gradient_step[": []},
+        "query_lengths and key_lengths break torch's graph (its Python loops need their trip "
+        "counts as ints), so the compiled gradient step with lengths compiles piecewise: 2.5 "
+        "minutes with Inductor on a 2-core CPU. torch's compiled gradients are checked by "
+        "test_gradient_through_compiled_function (Inductor) and tests/test_torch_compile.py "
+        "(one graph, both backward modes)",
     ),
     "dask": Partial(
         DTYPE_CASES + _LAZY_CASES,
@@ -294,7 +305,7 @@ def pytest_report_header(config):
         header += f"\narray-api-strict flags: {array_api_strict.get_array_api_strict_flags()}"
     partial = [b.name for b in loaded if _partial(config, b) is not None]
     if partial:
-        header += f"\npart of the case table on {', '.join(partial)} (--full: all of it)"
+        header += f"\npart of the suite on {', '.join(partial)} (--full: all of it)"
     return header
 
 
