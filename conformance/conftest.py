@@ -70,7 +70,8 @@ _NON_FINITE = {
 }
 # backward="autodiff" compiles the rematerialised loops and their transpose, half a case's
 # time on JAX: float32, on the cases whose structure sets the loops (bands, data-dependent
-# bounds, empty loops, folded decoding) or adds a formula to differentiate.
+# bounds, empty loops, folded decoding); "everything" adds every formula to differentiate
+# (bias, segment bounds, sinks, soft cap, dropout) at once.
 _AUTODIFF_CASES = (
     "basic",
     "causal-q-longer",
@@ -80,13 +81,15 @@ _AUTODIFF_CASES = (
     "empty-batch-lengths",
     "no-keys",
     "decode-gqa-lengths",
-    "packed",
     "packed-decode",
     "sinks-decode",
-    "softcap",
-    "dropout",
     "everything",
 )
+
+
+def _exact(backend: str, names, dtypes) -> list[tuple[str, ...]]:
+    """The ids ``[backend-case-dtype]`` of the cases ``names`` in ``dtypes``."""
+    return [(f"[{backend}-{name}-{dtype}]",) for name in names for dtype in dtypes]
 
 
 def _gradient_parts(backend: str) -> Parameters:
@@ -94,13 +97,11 @@ def _gradient_parts(backend: str) -> Parameters:
     uniattn.vjp on the dtype cases, since it calls the same staged forward and backward as
     the framework's custom-gradient hook (test_gradients_custom, every representative case),
     which each entry compiles apart."""
-
-    def exact(names, dtypes):
-        return [(f"[{backend}-{name}-{dtype}]",) for name in names for dtype in dtypes]
-
     return {
-        "test_reference.py::test_gradients_autodiff[": exact(_AUTODIFF_CASES, ("float32",)),
-        "test_reference.py::test_gradients_vjp[": exact(DTYPE_CASES, ALL_DTYPES),
+        "test_reference.py::test_gradients_autodiff[": _exact(
+            backend, _AUTODIFF_CASES, ("float32",)
+        ),
+        "test_reference.py::test_gradients_vjp[": _exact(backend, DTYPE_CASES, ALL_DTYPES),
     }
 
 
@@ -154,12 +155,25 @@ PARTIAL: dict[str, Partial] = {
         None,
         None,
         (),
-        {"test_compiled.py::test_compiled_gradient_step[": []},
-        "query_lengths and key_lengths break torch's graph (its Python loops need their trip "
-        "counts as ints), so the compiled gradient step with lengths compiles piecewise: 2.5 "
-        "minutes with Inductor on a 2-core CPU. torch's compiled gradients are checked by "
-        "test_gradient_through_compiled_function (Inductor) and tests/test_torch_compile.py "
-        "(one graph, both backward modes)",
+        {
+            "test_compiled.py::test_compiled_gradient_step[": [],
+            "test_compiled.py::test_compiled_forward_equals_eager[": [
+                ("[torch-mask-and-bias-causal]",)
+            ],
+            "test_compiled.py::test_gradient_through_compiled_function[": [("[torch-custom]",)],
+            "test_reference.py::test_gradients_autodiff[": [
+                *_exact("torch", CASES, ("float32",)),
+                *_exact("torch", DTYPE_CASES, ALL_DTYPES),
+            ],
+        },
+        "lengths and segment ids break torch's graph at every band of the loops (their trip "
+        "counts must be ints), so a compiled case with them is some 40 Inductor graphs, 1-2 "
+        "minutes on a 2-core CPU, and Inductor takes about a minute for one graph's forward "
+        "and backward: the compiled forward runs the case that is one graph, the compiled "
+        "gradients the custom backward (tests/test_torch_compile.py traces both modes whole, "
+        "test_segment_ids_are_data and test_fori_loop_bounds compile across the breaks). "
+        "backward='autodiff' is torch's autograd through the loops whose values every case "
+        "checks in every dtype: it runs every case in float32 and the dtype cases in each",
     ),
     "dask": Partial(
         DTYPE_CASES + _LAZY_CASES,
@@ -207,8 +221,8 @@ def pytest_addoption(parser):
         "--full",
         action="store_true",
         help="run the whole suite on every backend; without it JAX, TensorFlow and Dask run "
-        "part of the case table and torch leaves one compiled test (PARTIAL in "
-        "conformance/conftest.py says what and why)",
+        "part of the case table and torch part of its compiled and autodiff tests (PARTIAL "
+        "in conformance/conftest.py says what and why)",
     )
     parser.addoption(
         "--implementation",

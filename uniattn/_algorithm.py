@@ -402,7 +402,12 @@ class _Context:
             None if n is None else plus(start, n)
             for n, start in zip((ops.q_lengths, ops.k_lengths), starts, strict=True)
         )
-        self.q_ids, self.kv_ids = ops.q_ids, ops.kv_ids
+        # Padding never matches: negative query ids become -1 and negative key ids -2, so
+        # the segment rule of a chunk pair is one comparison.
+        self.q_ids, self.kv_ids = (
+            None if ids is None else xp.where(ids >= 0, ids, padding)
+            for ids, padding in ((ops.q_ids, -1), (ops.kv_ids, -2))
+        )
         self.empty = 0 in q.shape[:-1] or self.kv_len == 0
         # How often the loops read each entry of q, k and v: the rows each key meets, at
         # most the keys each row meets (``Backend.cond_call``).
@@ -421,8 +426,8 @@ class _Context:
             right=options.right,
             q_max=xp.max(ops.q_lengths) if live and ops.q_lengths is not None else None,
             k_max=xp.max(ops.k_lengths) if live and ops.k_lengths is not None else None,
-            q_ids=self._flat_ids(ops.q_ids) if live else None,
-            kv_ids=self._flat_ids(ops.kv_ids) if live else None,
+            q_ids=self._flat_ids(self.q_ids) if live else None,
+            kv_ids=self._flat_ids(self.kv_ids) if live else None,
             q_start=starts[0],
             k_start=starts[1],
             device=self.device,
@@ -483,7 +488,7 @@ class _Context:
             s = s + bias
         rules = [mask]
         if q_ids is not None:
-            rules.append(xp.logical_and(q_ids == kv_ids, q_ids >= 0))
+            rules.append(q_ids == kv_ids)  # padding never matches (see __init__)
         needs_positions = schedule.needs_rules(masked, overlapping_rows) or any(
             x is not None for x in (o.bias_fn, o.mask_fn, self.q_lengths, self.k_lengths)
         )
