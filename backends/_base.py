@@ -125,6 +125,16 @@ class Backend:
         """``x`` treated as a constant by autodiff."""
         return x
 
+    def concrete_ints(self, x: Any) -> Any:
+        """The values of the int array ``x`` as Python ints (nested lists, as ``tolist``
+        gives them) where they are known now, or None where they are traced or lazy.
+
+        The loops' bounds that lengths and segment ids set are then computed in Python,
+        once per call, rather than as small array operations per row block. The default
+        is None: they stay arrays.
+        """
+        return None
+
     def cond(self, pred: Any, fast: Callable[..., Any], safe: Callable[..., Any], operands: tuple):
         """``fast(*operands)`` if the 0-d bool ``pred`` holds, else ``safe(*operands)``.
 
@@ -195,6 +205,17 @@ class Backend:
             a, b = xp.astype(a, xp.float32), xp.astype(b, xp.float32)
         return xp.matmul(a, xp.matrix_transpose(b) if transposed else b)
 
+    def masked(self, s: Any, allowed: Any, nan_free: bool = False) -> Any:
+        """``s`` with ``-inf`` where the bool ``allowed`` (broadcast to ``s``'s shape) is
+        False. ``s`` is a temporary the caller never reads again: an adapter may overwrite
+        it where autodiff does not need it.
+
+        ``nan_free`` says that ``s`` holds no NaN (scores of finite inputs with no bias: a
+        NaN would need a product that overflows float32), so a NaN-propagating minimum
+        with ``+inf``/``-inf`` serves as well.
+        """
+        return self.namespace().where(allowed, s, float("-inf"))
+
     def exp_shifted(self, s: Any, shift: Any) -> Any:
         """``exp(s - shift)`` to a few ulp. ``s`` is a temporary the caller never reads
         again: an adapter may overwrite it where autodiff does not need it."""
@@ -244,7 +265,9 @@ class Backend:
         ``fn(*sanitize(*operands), *passed)``.
 
         ``sanitize`` is elementwise and leaves ``fn``'s result unchanged where ``pred``
-        holds, so an adapter may always take it; ``reuse`` says about how often ``fn`` reads
+        holds, so an adapter may always take it. An adapter that knows it takes the branch
+        where ``pred`` holds may call ``fn(*operands, *passed, finite=True)``: ``fn`` may
+        then rely on the operands being finite. ``reuse`` says about how often ``fn`` reads
         each operand entry (the query rows each key meets), hence what a pass over the
         operands costs against ``fn``. The default branches on ``operands`` alone
         (:meth:`cond`), so a graph holds ``fn`` once; an adapter whose conditional copies

@@ -20,6 +20,9 @@ class NumPyBackend(Backend):
     def namespace(self):
         return xp
 
+    def concrete_ints(self, x):
+        return x.tolist()
+
     def exp_shifted(self, s, shift):
         # In place (s is a temporary) and as exp2, about half the time of exp; the shift
         # comes first, so that s - shift is exact near the row maximum.

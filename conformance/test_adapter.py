@@ -209,13 +209,16 @@ def test_cond_call_sanitizes_only_when_the_predicate_fails(backend, how):
     """``cond_call(pred, fn, sanitize, operands, passed)``: ``fn(*operands, *passed)`` where
     pred holds, ``fn(*sanitize(*operands), *passed)`` where it does not (torch.compile may
     always sanitize, which this ``sanitize`` makes harmless where pred holds); ``passed``
-    (None among them) reach ``fn`` untouched; gradients flow through either branch."""
+    (None among them) reach ``fn`` untouched; gradients flow through either branch; ``fn``
+    is told ``finite=True`` only where pred holds."""
     xs = _arange(backend, 4)
     xp = backend.namespace()
 
     def f(x, fix):
-        def fn(a, b, c, nothing):
+        def fn(a, b, c, nothing, finite=False):
             assert nothing is None
+            # Where pred fails (fix 0) only the sanitized branch may run.
+            assert not (finite and fix == 0.0), "finite=True on operands that are not"
             return (a * 2.0 + b + c * 10.0,)
 
         def sanitize(a, b):

@@ -146,14 +146,15 @@ def forward(backend: Any, ops: Operands, *, options: Options, remat=True, starts
     return backend.cond_call(finite, attend, c.isolated, (q, k, v), passed, reuse=c.reuse)
 
 
-def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool):
-    """:func:`forward` of prepared operands: finite, or isolated by :meth:`_Context.isolated`."""
+def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool, finite: bool = False):
+    """:func:`forward` of prepared operands: finite, or isolated by :meth:`_Context.isolated`
+    (``finite``: known to be finite)."""
     backend, xp, schedule = c.backend, c.xp, c.schedule
 
     def fold_in(m, l, acc, q_c, k_c, v_c, bias_c, mask_c, q_ids, kv_ids, r, j, *, masked):
         """Fold key chunk ``j`` into the running (max, sum, accumulator) of row block ``r``;
         ``masked=False`` where every row sees the whole chunk."""
-        s, _ = c.scores(q_c, k_c, r, j, masked, bias_c, mask_c, q_ids, kv_ids)
+        s, _ = c.scores(q_c, k_c, r, j, masked, bias_c, mask_c, q_ids, kv_ids, finite=finite)
         # The result does not depend on m, so no gradient needs to flow through it.
         m_new = xp.maximum(m, backend.stop_gradient(xp.max(s, axis=-1, keepdims=True)))
         m_ref = xp.where(m_new == NEG_INF, 0.0, m_new)  # rows that have seen no key yet
@@ -254,8 +255,11 @@ class _RowChunk(NamedTuple):
     mask: Any
 
 
-def _backprop(c: _Context, dtypes, q, k, v, bias, mask, sinks, out, lse, d_out, d_lse):
-    """:func:`backward` of prepared operands: finite, or zeroed by :meth:`_Context.zeroed`."""
+def _backprop(
+    c: _Context, dtypes, q, k, v, bias, mask, sinks, out, lse, d_out, d_lse, finite=False
+):
+    """:func:`backward` of prepared operands: finite, or zeroed by :meth:`_Context.zeroed`
+    (``finite``: known to be finite)."""
     backend, xp, schedule = c.backend, c.xp, c.schedule
     t = xp.matrix_transpose
     # Rows whose output is NaN (they attend a non-finite input, see _Context.isolated)
@@ -289,7 +293,7 @@ def _backprop(c: _Context, dtypes, q, k, v, bias, mask, sinks, out, lse, d_out, 
         """dQ of chunk pair (``r``, ``j``), and its contributions dKᵀ = Qᵀ dS, dVᵀ = dOᵀ P
         and d_bias = dS."""
         args = (row.bias, row.mask, row.q_ids, kv_ids)
-        s, tanh = c.scores(row.q, k_c, r, j, masked, *args, overlapping_rows=masked)
+        s, tanh = c.scores(row.q, k_c, r, j, masked, *args, masked, finite)
         p = backend.exp_shifted(s, row.lse)
         kept = c.kept(r, j, s.shape)  # one mask for both products it scales
         dp = c.dropped(backend.matmul(row.d_out, v_t), kept)
@@ -431,6 +435,7 @@ class _Context:
             q_start=starts[0],
             k_start=starts[1],
             device=self.device,
+            concrete=backend.concrete_ints,
         )
         self.hash = self.row_seeds = None
         if options.dropout_rate and live:
@@ -469,7 +474,20 @@ class _Context:
         return operand if operand.chunks is None else Split(self.backend.chunks(operand.chunks))
 
     # -- scores ------------------------------------------------------------------------
-    def scores(self, q_c, k_c, r, j, masked, bias, mask, q_ids, kv_ids, overlapping_rows=False):
+    def scores(
+        self,
+        q_c,
+        k_c,
+        r,
+        j,
+        masked,
+        bias,
+        mask,
+        q_ids,
+        kv_ids,
+        overlapping_rows=False,
+        finite=False,
+    ):
         """Scores of row block ``r`` and key chunk ``j``, ``-inf`` where not attended; and
         ``tanh(z / softcap)`` of the raw scores ``z`` (None without a soft cap).
 
@@ -477,6 +495,7 @@ class _Context:
         transposes it). ``masked=False`` leaves out the structural rules, for a pair that
         the schedule shows every row sees whole; masks, lengths and segment ids, which vary
         per batch, still apply. ``overlapping_rows`` masks the last row block's overlap.
+        ``finite``: q and k are known to be finite.
         """
         xp, o, schedule = self.xp, self.options, self.schedule
         s = self.backend.matmul(q_c, k_c, transposed=True)
@@ -509,7 +528,10 @@ class _Context:
         for rule in rules:
             if rule is not None:
                 allowed = rule if allowed is None else xp.logical_and(allowed, rule)
-        return (s if allowed is None else xp.where(allowed, s, NEG_INF)), tanh
+        if allowed is None:
+            return s, tanh
+        nan_free = finite and bias is None and o.bias_fn is None  # a bias may hold NaN
+        return self.backend.masked(s, allowed, nan_free), tanh
 
     def kept(self, r, j, shape):
         """Dropout's mask of row block ``r`` and key chunk ``j`` for a block of ``shape``

@@ -12,8 +12,9 @@ visits chunk pairs in two nested loops. This module says how:
   ``right = 0``) and the valid lengths, as consecutive :class:`Band` s: partly masked
   chunks at the edges, and between them chunks that every row of the block sees whole,
   which need no structural mask. Chunks outside every band are never computed. Bounds are
-  Python ints where they are static and 0-d int arrays where they depend on a traced loop
-  index or on the lengths.
+  Python ints where they are static or known (an eager framework's lengths and ids, read
+  once per call) and 0-d int arrays where they depend on a traced loop index, traced
+  lengths or traced ids.
 - **Segments**. With segment ids (packed sequences), a chunk pair whose ranges of valid
   ids are disjoint in every batch element is skipped too: the bands are narrowed to the
   chunks between the first and the last one whose ids overlap. For ids that do not
@@ -176,6 +177,9 @@ class Schedule:
         The position of the first query and key: a call may compute one block of a longer
         sequence (ring attention), whose window and callables see the sequence's positions.
         ``q_len``/``kv_len``, the chunks, lengths and ids count from the block's start.
+    concrete : callable, optional
+        ``Backend.concrete_ints``: the bounds that lengths and ids set as Python ints, or
+        None where they stay arrays.
     """
 
     def __init__(
@@ -197,6 +201,7 @@ class Schedule:
         q_start=0,
         k_start=0,
         device=None,
+        concrete=None,
     ):
         self.xp, self.device = xp, device
         self.q_start, self.k_start = q_start, k_start
@@ -207,8 +212,11 @@ class Schedule:
         row_chunk = rows if folded else query_chunk
         self.rows = Axis(rows, min(row_chunk, max(rows, 1)), xp)
         self.keys = Axis(kv_len, min(key_chunk, max(kv_len, 1)), xp)
-        self.q_max, self.k_max = q_max, k_max
-        self.segments = None if q_ids is None else self._segment_bounds(q_ids, kv_ids)
+        self.q_max, self.k_max = _known(concrete, q_max), _known(concrete, k_max)
+        self.segments = None
+        if q_ids is not None:
+            bounds = self._segment_bounds(q_ids, kv_ids)
+            self.segments = _SegmentBounds(*(_known(concrete, b) for b in bounds))
 
     def _segment_bounds(self, q_ids, kv_ids) -> _SegmentBounds:
         """Per row block, the key chunks from the first to the last whose valid ids overlap
@@ -356,7 +364,7 @@ class Schedule:
 
 class _SegmentBounds(NamedTuple):
     """First and stop (exclusive) key chunk per row block, and row block per key chunk,
-    as int32 arrays ``[R]`` and ``[J]``."""
+    as int32 arrays ``[R]`` and ``[J]`` (lists of ints where the backend reads them)."""
 
     key_first: Any
     key_stop: Any
@@ -376,6 +384,14 @@ def _id_ranges(xp, ids, cut: Axis):
     low = xp.min(xp.where(valid, chunks, _NO_ID), axis=-1)
     high = xp.max(xp.where(valid, chunks, -1), axis=-1)
     return low, high
+
+
+def _known(concrete, bound):
+    """``bound`` (an int array or None) as Python ints where ``concrete`` reads them."""
+    if bound is None or concrete is None:
+        return bound
+    values = concrete(bound)
+    return bound if values is None else values
 
 
 def _first_and_stop(xp, overlap):
