@@ -234,6 +234,39 @@ def test_cond_call_sanitizes_only_when_the_predicate_fails(backend, how):
         np.testing.assert_array_equal(backend.to_numpy(vjp_fn(xs * 0 + 1.0)[0]), [300] * 4)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_masked(backend, dtype):
+    """``masked(s, allowed, nan_free)`` is ``where(allowed, s, -inf)``, with ``allowed``
+    broadcast: NaN and inf scores where not allowed become -inf unless ``nan_free`` says
+    there are none; with and without autodiff watching ``s``."""
+    scores = np.array([[[0.5, -np.inf, np.inf, 2.0], [np.nan, 1.0, -3.0, np.nan]]] * 2)
+    allowed = np.array([[True, False, True, False], [False, True, True, False]])
+    expected = np.where(allowed, scores, -np.inf)
+    mask = backend.asarray(allowed)
+    s = backend.asarray(scores, dtype)
+    np.testing.assert_array_equal(backend.to_numpy(backend.adapter.masked(s * 1.0, mask)), expected)
+    finite = np.where(np.isnan(scores), 7.0, scores)  # nan_free: no NaN, infinities allowed
+    out = backend.adapter.masked(backend.asarray(finite, dtype), mask, nan_free=True)
+    np.testing.assert_array_equal(backend.to_numpy(out), np.where(allowed, finite, -np.inf))
+    if backend.has_autodiff:
+        x = backend.asarray(finite, dtype)
+        out, vjp_fn = backend.vjp(lambda x: backend.adapter.masked(x * 1.0, mask, True), x)
+        np.testing.assert_array_equal(backend.to_numpy(out), np.where(allowed, finite, -np.inf))
+        grad = vjp_fn(backend.asarray(np.ones(finite.shape), dtype))[0]
+        expected_grad = np.broadcast_to(np.where(allowed, 1.0, 0.0), finite.shape)
+        np.testing.assert_array_equal(backend.to_numpy(grad), expected_grad)
+
+
+def test_concrete_ints(backend):
+    """``concrete_ints(x)`` is None or ``x.tolist()``, eagerly (staged or compiled: None or
+    the values, never anything else)."""
+    x = backend.asarray(np.array([[3, -1], [0, 7]], np.int32))
+    values = backend.adapter.concrete_ints(x)
+    assert values is None or values == [[3, -1], [0, 7]], values
+    zero_d = backend.adapter.concrete_ints(backend.asarray(np.array(5, np.int32)))
+    assert zero_d is None or (zero_d == 5 and isinstance(zero_d, int)), zero_d
+
+
 def test_exp_shifted(backend):
     """``exp_shifted(s, shift) == exp(s - shift)`` to a few ulp (an adapter may take another
     route to exp, such as torch's and NumPy's faster exp2), with exact zeros for -inf scores
