@@ -160,7 +160,7 @@ PARTIAL: dict[str, Partial] = {
             "test_compiled.py::test_compiled_forward_equals_eager[": [
                 ("[torch-mask-and-bias-causal]",)
             ],
-            "test_compiled.py::test_gradient_through_compiled_function[": [("[torch-custom]",)],
+            "test_compiled.py::test_gradient_through_compiled_function[": [],
             "test_reference.py::test_gradients_autodiff[": [
                 *_exact("torch", CASES, ("float32",)),
                 *_exact("torch", DTYPE_CASES, ALL_DTYPES),
@@ -169,9 +169,10 @@ PARTIAL: dict[str, Partial] = {
         "lengths and segment ids break torch's graph at every band of the loops (their trip "
         "counts must be ints), so a compiled case with them is some 40 Inductor graphs, 1-2 "
         "minutes on a 2-core CPU, and Inductor takes about a minute for one graph's forward "
-        "and backward: the compiled forward runs the case that is one graph, the compiled "
-        "gradients the custom backward (tests/test_torch_compile.py traces both modes whole, "
-        "test_segment_ids_are_data and test_fori_loop_bounds compile across the breaks). "
+        "and backward: the compiled forward runs the case that is one graph; gradients "
+        "through torch.compile are checked by tests/test_torch_compile.py (both modes, one "
+        "graph, AOTAutograd) and test_fori_loop_differentiates_with_array_bounds (Inductor); "
+        "test_segment_ids_are_data and test_fori_loop_bounds compile across the breaks. "
         "backward='autodiff' is torch's autograd through the loops whose values every case "
         "checks in every dtype: it runs every case in float32 and the dtype cases in each",
     ),
