@@ -216,6 +216,12 @@ class Backend:
         """
         return self.namespace().where(allowed, s, float("-inf"))
 
+    def dropped(self, x: Any, kept: Any, scale: float) -> Any:
+        """``where(kept, x * scale, 0)``: dropout by the bool mask ``kept``. ``x`` is a
+        temporary the caller never reads again: an adapter may overwrite it where autodiff
+        does not need it."""
+        return self.namespace().where(kept, x * scale, 0.0)
+
     def exp_shifted(self, s: Any, shift: Any) -> Any:
         """``exp(s - shift)`` to a few ulp. ``s`` is a temporary the caller never reads
         again: an adapter may overwrite it where autodiff does not need it."""

@@ -180,6 +180,13 @@ class TorchBackend(Backend):
             return s.clamp_(max=torch.where(allowed, inf, -inf))
         return s.masked_fill_(allowed.logical_not(), float("-inf"))
 
+    def dropped(self, x, kept, scale):
+        if x.requires_grad:  # autograd may need x: out of place
+            return torch.where(kept, x * scale, 0.0)
+        # where() over a random mask branches per entry on the CPU: 1.7 ms per [4, 256, 512]
+        # block, against 0.7 for a fill and a scaling in place (the same bits).
+        return x.masked_fill_(kept.logical_not(), 0.0).mul_(scale)
+
     def exp_shifted(self, s, shift):
         if s.requires_grad:  # autograd may need s: out of place
             return torch.exp(s - shift)

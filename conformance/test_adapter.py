@@ -257,6 +257,26 @@ def test_masked(backend, dtype):
         np.testing.assert_array_equal(backend.to_numpy(grad), expected_grad)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dropped(backend, dtype):
+    """``dropped(x, kept, scale)`` is ``where(kept, x * scale, 0)``, NaN and inf dropped
+    too, bit for bit; with and without autodiff watching ``x``."""
+    values = np.array([[[0.5, np.nan, np.inf, 2.0], [np.nan, 1.0, -3.0, 0.25]]] * 2)
+    kept = np.array([[True, False, True, False], [False, True, True, True]])
+    scale = 1.0 / 0.9
+    x = backend.asarray(values, dtype)
+    expected = backend.to_numpy(backend.namespace().where(backend.asarray(kept), x * scale, 0.0))
+    out = backend.adapter.dropped(x * 1.0, backend.asarray(kept), scale)
+    np.testing.assert_array_equal(backend.to_numpy(out), expected)
+    if backend.has_autodiff:
+        finite = backend.asarray(np.nan_to_num(values, nan=7.0, posinf=5.0), dtype)
+        mask = backend.asarray(kept)
+        _, vjp_fn = backend.vjp(lambda x: backend.adapter.dropped(x * 1.0, mask, scale), finite)
+        grad = vjp_fn(backend.asarray(np.ones(values.shape), dtype))[0]
+        expected_grad = np.broadcast_to(np.where(kept, scale, 0.0), values.shape)
+        np.testing.assert_allclose(backend.to_numpy(grad), expected_grad, rtol=1e-6)
+
+
 def test_concrete_ints(backend):
     """``concrete_ints(x)`` is None or ``x.tolist()``, eagerly (staged or compiled: None or
     the values, never anything else)."""

@@ -544,10 +544,10 @@ class _Context:
 
     def dropped(self, x, kept):
         """``x`` with dropout applied by the mask ``kept`` (:meth:`kept`): kept entries
-        times ``1 / (1 - rate)``, the others 0."""
+        times ``1 / (1 - rate)``, the others 0. ``x`` is a temporary never read again."""
         if kept is None:
             return x
-        return self.xp.where(kept, x * (1.0 / (1.0 - self.options.dropout_rate)), 0.0)
+        return self.backend.dropped(x, kept, 1.0 / (1.0 - self.options.dropout_rate))
 
     # -- non-finite inputs -------------------------------------------------------------
     def all_finite(self, *arrays):
