@@ -44,8 +44,8 @@ algorithm as it is; the others first zero the padding and isolate non-finite key
 
 Everything here is array-API calls on ``xp`` and calls to the adapter contract
 (:class:`uniattn.backends.Backend`): loops, rematerialisation, ``stop_gradient``,
-``cond_call``, and the optional hooks ``matmul``, ``exp_shifted``, ``row_sums``,
-``chunks`` and the block accumulator.
+``cond_call``, and the optional hooks ``matmul``, ``masked``, ``dropped``, ``exp_shifted``,
+``row_sums``, ``chunks``, ``concrete_ints`` and the block accumulator.
 
 **Products.** Every product goes through ``Backend.matmul``, whose operands are in
 :attr:`_Context.operand_dtype`: float32 (float64 for float64 inputs), the inputs lifted
@@ -293,7 +293,7 @@ def _backprop(
         """dQ of chunk pair (``r``, ``j``), and its contributions dKᵀ = Qᵀ dS, dVᵀ = dOᵀ P
         and d_bias = dS."""
         args = (row.bias, row.mask, row.q_ids, kv_ids)
-        s, tanh = c.scores(row.q, k_c, r, j, masked, *args, masked, finite)
+        s, tanh = c.scores(row.q, k_c, r, j, masked, *args, overlapping_rows=masked, finite=finite)
         p = backend.exp_shifted(s, row.lse)
         kept = c.kept(r, j, s.shape)  # one mask for both products it scales
         dp = c.dropped(backend.matmul(row.d_out, v_t), kept)
