@@ -163,11 +163,14 @@ class TorchBackend(Backend):
         return torch.matmul(a, b)
 
     def cond_call(self, pred, fn, sanitize, operands, passed=(), reuse=1):
-        if torch.compiler.is_compiling():  # no graph break on a value: always safe
-            return fn(*sanitize(*operands), *passed)
-        if bool(pred):
-            return fn(*operands, *passed, finite=True)
-        return fn(*sanitize(*operands), *passed)
+        # Around fn, so that the branch that knows its operands are finite says so
+        # (Backend.masked may then clamp).
+        return self.cond(
+            pred,
+            lambda *ops: fn(*ops, *passed, finite=True),
+            lambda *ops: fn(*sanitize(*ops), *passed),
+            operands,
+        )
 
     def masked(self, s, allowed, nan_free=False):
         if s.requires_grad:  # autograd may need s: out of place
