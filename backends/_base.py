@@ -216,11 +216,25 @@ class Backend:
         """
         return self.namespace().where(allowed, s, float("-inf"))
 
-    def dropped(self, x: Any, kept: Any, scale: float) -> Any:
-        """``where(kept, x * scale, 0)``: dropout by the bool mask ``kept``. ``x`` is a
-        temporary the caller never reads again: an adapter may overwrite it where autodiff
-        does not need it."""
-        return self.namespace().where(kept, x * scale, 0.0)
+    def keep_mask(self, hashed: Any, least: int) -> Any:
+        """Dropout's mask of the int32 hash block ``hashed``: kept where ``hashed >=
+        least`` (``least`` is above int32's minimum), in whatever form :meth:`dropped`
+        takes; the default is that comparison's bool array. ``hashed`` is a temporary the
+        caller never reads again."""
+        return hashed >= least
+
+    def dropped(self, x: Any, keep: Any, scale: float) -> Any:
+        """``x * scale`` where the mask ``keep`` (:meth:`keep_mask`, broadcast to ``x``'s
+        shape) keeps an entry, and 0 where it drops it: dropout. ``x`` is a temporary the
+        caller never reads again: an adapter may overwrite it where autodiff does not need
+        it.
+
+        Where autodiff does not watch ``x``, an adapter may multiply by the mask, which
+        leaves a dropped NaN or inf non-finite: the blocks dropped are finite on every row
+        whose result is (a row that attends a non-finite input is NaN whatever its
+        dropout). Under autodiff a dropped entry is 0, and so is its gradient.
+        """
+        return self.namespace().where(keep, x * scale, 0.0)
 
     def exp_shifted(self, s: Any, shift: Any) -> Any:
         """``exp(s - shift)`` to a few ulp. ``s`` is a temporary the caller never reads

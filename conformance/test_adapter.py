@@ -258,20 +258,33 @@ def test_masked(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_dropped(backend, dtype):
-    """``dropped(x, kept, scale)`` is ``where(kept, x * scale, 0)``, NaN and inf dropped
-    too, bit for bit; with and without autodiff watching ``x``."""
+def test_keep_mask_and_dropped(backend, dtype):
+    """``dropped(x, keep_mask(hashed, least), scale)`` is ``x * scale`` where ``hashed >=
+    least`` and 0 elsewhere, bit for bit, at int32's extremes and the threshold's
+    neighbours. Without autodiff a dropped NaN or inf may stay non-finite (an adapter may
+    multiply by the mask); under autodiff it is 0, and the gradient is ``scale`` where kept
+    and 0 where dropped."""
+    least = 123456789
+    hashed = np.array(
+        [[least, least - 1, 2**31 - 1, -(2**31)], [-(2**31) + 1, 0, least + 1, -least]], np.int32
+    )
     values = np.array([[[0.5, np.nan, np.inf, 2.0], [np.nan, 1.0, -3.0, 0.25]]] * 2)
-    kept = np.array([[True, False, True, False], [False, True, True, True]])
+    kept = hashed >= least  # [[T, F, T, F], [F, F, T, F]]
     scale = 1.0 / 0.9
     x = backend.asarray(values, dtype)
-    expected = backend.to_numpy(backend.namespace().where(backend.asarray(kept), x * scale, 0.0))
-    out = backend.adapter.dropped(x * 1.0, backend.asarray(kept), scale)
-    np.testing.assert_array_equal(backend.to_numpy(out), expected)
+    expected = np.where(kept, backend.to_numpy(x * scale), 0.0)
+
+    def dropped(x):
+        keep = backend.adapter.keep_mask(backend.asarray(hashed), least)
+        return backend.adapter.dropped(x * 1.0, keep, scale)
+
+    out = backend.to_numpy(dropped(x))
+    settled = np.isfinite(values) | kept  # all but the dropped non-finite entries
+    np.testing.assert_array_equal(out[settled], expected[settled])
+    assert np.all((out[~settled] == 0) | ~np.isfinite(out[~settled])), out
     if backend.has_autodiff:
-        finite = backend.asarray(np.nan_to_num(values, nan=7.0, posinf=5.0), dtype)
-        mask = backend.asarray(kept)
-        _, vjp_fn = backend.vjp(lambda x: backend.adapter.dropped(x * 1.0, mask, scale), finite)
+        out, vjp_fn = backend.vjp(dropped, x)
+        np.testing.assert_array_equal(backend.to_numpy(out), expected)
         grad = vjp_fn(backend.asarray(np.ones(values.shape), dtype))[0]
         expected_grad = np.broadcast_to(np.where(kept, scale, 0.0), values.shape)
         np.testing.assert_allclose(backend.to_numpy(grad), expected_grad, rtol=1e-6)

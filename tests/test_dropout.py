@@ -8,6 +8,7 @@ from __future__ import annotations
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
+from uniattn.backends.numpy import backend
 
 from uniattn import _dropout, reference
 
@@ -66,6 +67,6 @@ def test_int32_form_matches_the_statement(rate):
     heads = np.arange(3, dtype=np.int32).reshape(3, 1, 1)
     rows = h.row_seeds(seed, batch, heads)
     i, j = np.arange(40, dtype=np.int32)[:, None], np.arange(70, dtype=np.int32)[None, :]
-    kept = h.kept(rows, i, j, _dropout.threshold(rate))
+    kept = h.keep(backend, rows, i, j, _dropout.threshold(rate))
     expected = reference.dropout_keep(2**32 - 123456789, rate, (2, 3, 40, 70))
     np.testing.assert_array_equal(kept, expected)

@@ -169,8 +169,14 @@ def _segmented(q_len, kv_len, q_chunk, k_chunk, q_ids, kv_ids):
     )
 
 
-def _looped(bands):
-    return {i for b in bands for i in range(int(b.lower), int(b.upper))}
+def _looped(bands, one_segment=None):
+    """The chunks the bands loop over (only those of ``one_segment`` bands if given)."""
+    return {
+        i
+        for b in bands
+        if one_segment is None or b.one_segment == one_segment
+        for i in range(int(b.lower), int(b.upper))
+    }
 
 
 def _pair_ids(s, q_ids, kv_ids, r, j):
@@ -183,6 +189,14 @@ def _ids_match(s, q_ids, kv_ids, r, j) -> bool:
     """Whether a query and a key of the pair share a valid id in some batch element."""
     a, b = _pair_ids(s, q_ids, kv_ids, r, j)
     return bool(np.any((a[:, :, None] == b[:, None, :]) & (a[:, :, None] >= 0)))
+
+
+def _one_id(s, q_ids, kv_ids, r, j) -> bool:
+    """Whether every query and key of the pair hold the same valid id, in every batch
+    element."""
+    a, b = _pair_ids(s, q_ids, kv_ids, r, j)
+    first = a[:, :1]
+    return bool(np.all(first >= 0) and np.all(a == first) and np.all(b == first))
 
 
 def _ranges_overlap(s, q_ids, kv_ids, r, j) -> bool:
@@ -198,13 +212,15 @@ def _ranges_overlap(s, q_ids, kv_ids, r, j) -> bool:
 def test_segment_bands_cover_matching_pairs_and_skip_disjoint_ones(sort):
     """Every chunk pair holding a query and a key with the same valid id is computed; with
     ids that do not decrease along the sequence (one batch element), no pair whose id ranges
-    are disjoint is."""
+    are disjoint is. A pair goes without the segment rule only if all its queries and keys
+    hold one valid id; with such ids, every such pair does."""
     rng = np.random.default_rng(0)
-    skipped = 0
+    skipped = one_segment = 0
     for q_len, kv_len, q_chunk, k_chunk in [(40, 40, 8, 8), (37, 53, 5, 7), (64, 64, 16, 4)]:
         for _ in range(20):
-            q_ids = rng.integers(-1, 5, size=(2, q_len)).astype(np.int32)
-            kv_ids = rng.integers(-1, 5, size=(2, kv_len)).astype(np.int32)
+            high = rng.integers(2, 6)  # long and short documents
+            q_ids = rng.integers(-1, high, size=(2, q_len)).astype(np.int32)
+            kv_ids = rng.integers(-1, high, size=(2, kv_len)).astype(np.int32)
             if sort:  # one batch element: the bands are the union over the batch
                 q_ids, kv_ids = np.sort(q_ids[:1], axis=-1), np.sort(kv_ids[:1], axis=-1)
                 q_ids[0, -3:] = kv_ids[0, -5:] = -1  # padding at the end, after sorting
@@ -212,7 +228,14 @@ def test_segment_bands_cover_matching_pairs_and_skip_disjoint_ones(sort):
             pairs = [(r, j) for r in range(s.rows.count) for j in range(s.keys.count)]
             by_rows = {r: _looped(s.key_bands(r)) for r in range(s.rows.count)}
             by_keys = {j: _looped(s.row_bands(j)) for j in range(s.keys.count)}
+            alone = {r: _looped(s.key_bands(r), True) for r in range(s.rows.count)}
+            alone_by_keys = {j: _looped(s.row_bands(j), True) for j in range(s.keys.count)}
             for r, j in pairs:
+                one = _one_id(s, q_ids, kv_ids, r, j)
+                assert one or (j not in alone[r] and r not in alone_by_keys[j]), (r, j)
+                if sort:
+                    assert not one or (j in alone[r] and r in alone_by_keys[j]), (r, j)
+                one_segment += one
                 if _ids_match(s, q_ids, kv_ids, r, j):
                     assert j in by_rows[r] and r in by_keys[j], (r, j)
                 elif sort:
@@ -220,15 +243,18 @@ def test_segment_bands_cover_matching_pairs_and_skip_disjoint_ones(sort):
                     assert overlap or (j not in by_rows[r] and r not in by_keys[j]), (r, j)
                     skipped += not overlap
     assert skipped > 100 if sort else True
+    assert one_segment > 40 if sort else True
 
 
 def test_packed_documents_skip_to_their_own_blocks():
     """Documents of 16, 16, 16 and 8 tokens, then 8 of padding, in chunks of 8: each block
-    sees exactly its document's chunks; the padding block sees none."""
+    sees exactly its document's chunks, without the segment rule; the padding block sees
+    none."""
     ids = np.repeat(np.arange(4, dtype=np.int32), 16)[None, :]
     ids[:, 56:] = -1
     s = _segmented(64, 64, 8, 8, ids, ids)
     own = {0: {0, 1}, 1: {0, 1}, 2: {2, 3}, 3: {2, 3}, 4: {4, 5}, 5: {4, 5}, 6: {6}, 7: set()}
     for r in range(8):
-        assert _looped(s.key_bands(r)) == own[r], r
-        assert _looped(s.row_bands(r)) == own[r], r
+        # Documents align with chunks: every pair computed lies inside one document.
+        assert _looped(s.key_bands(r)) == own[r] == _looped(s.key_bands(r), True), r
+        assert _looped(s.row_bands(r)) == own[r] == _looped(s.row_bands(r), True), r

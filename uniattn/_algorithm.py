@@ -44,7 +44,8 @@ algorithm as it is; the others first zero the padding and isolate non-finite key
 
 Everything here is array-API calls on ``xp`` and calls to the adapter contract
 (:class:`uniattn.backends.Backend`): loops, rematerialisation, ``stop_gradient``,
-``cond_call``, and the optional hooks ``matmul``, ``masked``, ``dropped``, ``exp_shifted``,
+``cond_call``, and the optional hooks ``matmul``, ``masked``, ``keep_mask``, ``dropped``,
+``exp_shifted``,
 ``row_sums``, ``chunks``, ``concrete_ints`` and the block accumulator.
 
 **Products.** Every product goes through ``Backend.matmul``, whose operands are in
@@ -151,9 +152,12 @@ def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool, finite: boo
     (``finite``: known to be finite)."""
     backend, xp, schedule = c.backend, c.xp, c.schedule
 
-    def fold_in(m, l, acc, q_c, k_c, v_c, bias_c, mask_c, q_ids, kv_ids, r, j, *, masked):
+    def fold_in(m, l, acc, q_c, k_c, v_c, bias_c, mask_c, q_ids, kv_ids, r, j, *, kind):
         """Fold key chunk ``j`` into the running (max, sum, accumulator) of row block ``r``;
-        ``masked=False`` where every row sees the whole chunk."""
+        ``kind`` is the pair's band's ``(masked, one_segment)`` (which rules apply)."""
+        masked, one_segment = kind
+        if one_segment:
+            q_ids = kv_ids = None
         s, _ = c.scores(q_c, k_c, r, j, masked, bias_c, mask_c, q_ids, kv_ids, finite=finite)
         # The result does not depend on m, so no gradient needs to flow through it.
         m_new = xp.maximum(m, backend.stop_gradient(xp.max(s, axis=-1, keepdims=True)))
@@ -161,13 +165,15 @@ def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool, finite: boo
         p = backend.exp_shifted(s, m_ref)
         rescale = xp.exp(m - m_ref)
         l = l * rescale + backend.row_sums(p)
-        p = c.operand(c.dropped(p, c.kept(r, j, p.shape)))
+        p = c.operand(c.dropped(p, c.keep(r, j, p.shape)))
         acc = acc * rescale + backend.matmul(p, v_c)
         return m_new, l, acc
 
-    folds = {masked: functools.partial(fold_in, masked=masked) for masked in (False, True)}
-    if remat:
-        folds = {masked: backend.remat(fn) for masked, fn in folds.items()}
+    @functools.cache
+    def fold_of(kind: tuple[bool, bool]):
+        fn = functools.partial(fold_in, kind=kind)
+        return backend.remat(fn) if remat else fn
+
     kv_ids_by_key = split(xp, c.kv_ids, -1, schedule.keys)
 
     def row_block(q_c, bias_c, mask_c, q_ids, sinks_c, r, k_chunks, v_chunks):
@@ -185,8 +191,9 @@ def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool, finite: boo
             c.zeros((*rows, first_v.shape[-1])) + zero,
         )
         for band in schedule.key_bands(r):
+            fold = fold_of((band.masked, band.one_segment))
 
-            def body(j, carry, fold=folds[band.masked]):
+            def body(j, carry, fold=fold):
                 chunks = (k_chunks[j, ...], v_chunks[j, ...], by_key[0].at(j), by_key[1].at(j))
                 return fold(*carry, q_c, *chunks, q_ids, kv_ids_by_key.at(j), r, j)
 
@@ -289,19 +296,21 @@ def _backprop(
     db_sum = _RowSum(c, zero, by_blocks=bias is not None and bias.shape[-2] == schedule.rows.length)
     bias_by_keys = bias is not None and bias.shape[-1] == c.kv_len
 
-    def pair_grads(row: _RowChunk, r, k_c, v_t, kv_ids, j, masked):
-        """dQ of chunk pair (``r``, ``j``), and its contributions dKᵀ = Qᵀ dS, dVᵀ = dOᵀ P
-        and d_bias = dS."""
-        args = (row.bias, row.mask, row.q_ids, kv_ids)
+    def pair_grads(row: _RowChunk, r, k_c, v_t, kv_ids, j, band):
+        """dQ of chunk pair (``r``, ``j``) of ``band``, and its contributions dKᵀ = Qᵀ dS,
+        dVᵀ = dOᵀ P and d_bias = dS."""
+        ids = (None, None) if band.one_segment else (row.q_ids, kv_ids)
+        masked = band.masked
+        args = (row.bias, row.mask, *ids)
         s, tanh = c.scores(row.q, k_c, r, j, masked, *args, overlapping_rows=masked, finite=finite)
         p = backend.exp_shifted(s, row.lse)
-        kept = c.kept(r, j, s.shape)  # one mask for both products it scales
-        dp = c.dropped(backend.matmul(row.d_out, v_t), kept)
+        keep = c.keep(r, j, s.shape)  # one mask for both products it scales
+        dp = c.dropped(backend.matmul(row.d_out, v_t), keep)
         ds = p * (dp - row.delta)
         d_raw = ds if tanh is None else ds * (1.0 - tanh * tanh)  # through the soft cap
         d_raw_op = c.operand(d_raw)
         dk_t = _sum_groups(xp, backend.matmul(row.q_t, d_raw_op))
-        dv_t = _sum_groups(xp, backend.matmul(row.d_out_t, c.operand(c.dropped(p, kept))))
+        dv_t = _sum_groups(xp, backend.matmul(row.d_out_t, c.operand(c.dropped(p, keep))))
         db = None if row.bias is None else _sum_to(xp, ds, row.bias.shape)
         return backend.matmul(d_raw_op, k_c), dk_t, dv_t, db
 
@@ -315,10 +324,10 @@ def _backprop(
         carry = (c.zeros((*outer, d_k, k_chunk)) + zero, c.zeros(v_t.shape) + zero, dq, db)
         for band in schedule.row_bands(j):
 
-            def body(r, carry, masked=band.masked):
+            def body(r, carry, band=band):
                 dk_t, dv_t, dq, db = carry
                 row = _RowChunk(*(s.at(r) for s in (*rows, *row_extras)))
-                g_q, g_kt, g_vt, g_b = pair_grads(row, r, k_c, v_t, kv_ids, j, masked)
+                g_q, g_kt, g_vt, g_b = pair_grads(row, r, k_c, v_t, kv_ids, j, band)
                 db = None if db is None else db_sum.add(db, r, g_b)
                 return dk_t + g_kt, dv_t + g_vt, dq_sum.add(dq, r, g_q), db
 
@@ -533,21 +542,21 @@ class _Context:
         nan_free = finite and bias is None and o.bias_fn is None  # a bias may hold NaN
         return self.backend.masked(s, allowed, nan_free), tanh
 
-    def kept(self, r, j, shape):
+    def keep(self, r, j, shape):
         """Dropout's mask of row block ``r`` and key chunk ``j`` for a block of ``shape``
-        (True: kept), or None without dropout."""
+        (``Backend.keep_mask``), or None without dropout."""
         rate = self.options.dropout_rate
         if not rate:
             return None
         pos = self.schedule.positions(r, j, shape[-2], shape[-1])
-        return self.hash.kept(self.row_seeds, pos.query, pos.key, threshold(rate))
+        return self.hash.keep(self.backend, self.row_seeds, pos.query, pos.key, threshold(rate))
 
-    def dropped(self, x, kept):
-        """``x`` with dropout applied by the mask ``kept`` (:meth:`kept`): kept entries
+    def dropped(self, x, keep):
+        """``x`` with dropout applied by the mask ``keep`` (:meth:`keep`): kept entries
         times ``1 / (1 - rate)``, the others 0. ``x`` is a temporary never read again."""
-        if kept is None:
+        if keep is None:
             return x
-        return self.backend.dropped(x, kept, 1.0 / (1.0 - self.options.dropout_rate))
+        return self.backend.dropped(x, keep, 1.0 / (1.0 - self.options.dropout_rate))
 
     # -- non-finite inputs -------------------------------------------------------------
     def all_finite(self, *arrays):

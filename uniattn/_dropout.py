@@ -59,21 +59,24 @@ class Hash:
         h = self.fmix(xp.bitwise_xor(seed, self.const["seed_salt"]))
         return self.fmix(xp.bitwise_xor(self.fmix(xp.bitwise_xor(h, batch_index)), head_index))
 
-    def kept(self, row_seeds, query_positions, key_positions, threshold: int):
-        """Where a probability is kept: ``x ^ 2**31 >= threshold`` as unsigned, for ``x``
-        the hash of each (row, key) pair; ``threshold`` is ``ceil(rate * 2**32)``.
+    def keep(self, backend, row_seeds, query_positions, key_positions, threshold: int):
+        """Which probabilities are kept, as ``backend.keep_mask`` says it: kept where
+        ``x ^ 2**31 >= threshold`` as unsigned, for ``x`` the hash of each (row, key) pair;
+        ``threshold`` is ``ceil(rate * 2**32)``.
 
         Rows and keys are hashed apart (``[rows, 1]`` and ``[1, keys]``), so a block costs
-        three passes: an xor, a product and one comparison.
+        an xor and a product (in place where arrays are mutable), and the adapter's mask.
         """
         xp, c = self.xp, self.const
         row = self.fmix(xp.bitwise_xor(row_seeds, query_positions))
         col = self.fmix(xp.bitwise_xor(key_positions, c["key_salt"]))
-        x = xp.bitwise_xor(row, col) * c["final"]
-        if threshold >= 2**32:  # a rate within 2**-32 of 1 keeps nothing
-            return x != x
-        # x ^ 2**31 as unsigned is in the order of x as signed int32.
-        return x >= threshold - 2**31
+        x = xp.bitwise_xor(row, col)
+        x *= c["final"]
+        # x ^ 2**31 as unsigned is in the order of x as signed int32: x is kept iff
+        # x >= threshold - 2**31. A threshold out of (0, 2**32) keeps all or nothing.
+        if threshold <= 0 or threshold >= 2**32:
+            return backend.keep_mask(x * 0, int(threshold > 0))
+        return backend.keep_mask(x, threshold - 2**31)
 
 
 def threshold(rate: float) -> int:

@@ -19,7 +19,9 @@ visits chunk pairs in two nested loops. This module says how:
   ids are disjoint in every batch element is skipped too: the bands are narrowed to the
   chunks between the first and the last one whose ids overlap. For ids that do not
   decrease along the sequence (packed documents) that is exactly the chunks that share a
-  document; for any ids it is correct, since the segment rule masks the rest.
+  document; for any ids it is correct, since the segment rule masks the rest. Chunk pairs
+  whose queries and keys all hold one and the same valid id (inside one document) are cut
+  into bands of their own that need no segment rule (:attr:`Band.one_segment`).
 - **Positions and structural rules** (:meth:`Schedule.positions`, :meth:`Schedule.rules`):
   the absolute positions of a chunk pair and the boolean rules (window, overlaps) that the
   bands say it needs.
@@ -133,12 +135,15 @@ def _map(fn, tree):
 @dataclass(frozen=True)
 class Band:
     """Chunks ``lower:upper`` of an inner loop, at most ``trips`` of them; ``masked`` says
-    whether they need the structural rules (:meth:`Schedule.rules`)."""
+    whether they need the structural rules (:meth:`Schedule.rules`), ``one_segment``
+    that every query and key of each pair holds the same valid segment id, so the
+    segment rule is all True there."""
 
     lower: Any
     upper: Any
     trips: int
     masked: bool
+    one_segment: bool = False
 
 
 class Positions(NamedTuple):
@@ -231,15 +236,44 @@ class Schedule:
         )  # [R, J, *batch]
         if overlap.ndim > 2:
             overlap = xp.any(overlap, axis=tuple(range(2, overlap.ndim)))
-        key_first, key_stop = _first_and_stop(xp, overlap)
-        row_first, row_stop = _first_and_stop(xp, xp.permute_dims(overlap, (1, 0)))
-        return _SegmentBounds(key_first, key_stop, row_first, row_stop)
+        q_one, k_one = _single_ids(xp, q_ids, query_blocks), _single_ids(xp, kv_ids, self.keys)
+        same = xp.logical_and(
+            xp.expand_dims(k_one, axis=0) == xp.expand_dims(q_one, axis=1),
+            xp.expand_dims(q_one, axis=1) >= 0,
+        )  # [R, J, *batch]: one id on both sides
+        if same.ndim > 2:
+            same = xp.all(same, axis=tuple(range(2, same.ndim)))
+        return _SegmentBounds(
+            *_first_and_stop(xp, overlap),
+            *_first_and_stop(xp, xp.permute_dims(overlap, (1, 0))),
+            *_first_and_stop(xp, same, contiguous=True),
+            *_first_and_stop(xp, xp.permute_dims(same, (1, 0)), contiguous=True),
+        )
 
-    def _narrowed(self, first, stop, bounds, index):
-        """``first:stop`` within the segment bounds ``bounds[index]`` (first, stop)."""
-        xp = self.xp
+    def _narrowed(self, first, stop, index, by_keys: bool):
+        """``first:stop`` within the segment bounds of row block (``by_keys``) or key
+        chunk ``index``."""
+        xp, bounds = self.xp, self.segments[:2] if by_keys else self.segments[2:4]
         first = maximum(xp, first, bounds[0][index])
         return first, maximum(xp, minimum(xp, stop, bounds[1][index]), first)
+
+    def _by_segment(self, band_list: list[Band], index, by_keys: bool) -> list[Band]:
+        """``band_list`` with each band's run of :attr:`Band.one_segment` pairs cut out
+        as a band of its own (row block or key chunk ``index``)."""
+        if self.segments is None:
+            return band_list
+        xp, bounds = self.xp, self.segments[4:6] if by_keys else self.segments[6:]
+        same_first, same_stop = bounds[0][index], bounds[1][index]
+        cut = []
+        for b in band_list:
+            first = minimum(xp, maximum(xp, same_first, b.lower), b.upper)
+            stop = minimum(xp, maximum(xp, same_stop, first), b.upper)
+            cut += [
+                Band(b.lower, first, b.trips, b.masked),
+                Band(first, stop, b.trips, b.masked, one_segment=True),
+                Band(stop, b.upper, b.trips, b.masked),
+            ]
+        return [b for b in cut if not _same(b.lower, b.upper)]
 
     # -- positions and rules ---------------------------------------------------------
     def positions(self, r_index, k_index, n_rows: int, n_keys: int) -> Positions:
@@ -300,7 +334,7 @@ class Schedule:
         if self.q_max is not None:
             stop = select(xp, block_first < self.q_max, stop, first)
         if self.segments is not None:
-            first, stop = self._narrowed(first, stop, self.segments[:2], r_index)
+            first, stop = self._narrowed(first, stop, r_index, by_keys=True)
         trips = keys.count
         if left is not None and right is not None:
             width = 0 if self.folded else self.rows.size - 1
@@ -313,7 +347,8 @@ class Schedule:
             below = (d_first + right + 1) // keys.size
             whole_stop = below if whole_stop is None else minimum(xp, whole_stop, below)
         edge_trips = min(keys.count, self.rows.size // keys.size + 2)
-        return bands(xp, first, stop, whole_first, whole_stop, trips, (edge_trips, edge_trips))
+        cut = bands(xp, first, stop, whole_first, whole_stop, trips, (edge_trips, edge_trips))
+        return self._by_segment(cut, r_index, by_keys=True)
 
     def row_bands(self, k_index) -> list[Band]:
         """The row blocks that can see key chunk ``k_index``, as :meth:`key_bands`."""
@@ -340,12 +375,12 @@ class Schedule:
         if self.k_max is not None:
             stop = select(xp, k_first < self.k_max, stop, first)
         if self.segments is not None:
-            first, stop = self._narrowed(first, stop, self.segments[2:], k_index)
+            first, stop = self._narrowed(first, stop, k_index, by_keys=False)
         trips = rows.count
         if left is not None and right is not None and not self.folded:
             trips = min(trips, (self.keys.size - 1 + left + right) // rows.size + 2)
         if self.folded:  # one block of rows: nothing to split
-            return [Band(first, stop, trips, masked=True)]
+            return self._by_segment([Band(first, stop, trips, masked=True)], k_index, False)
         # Whole blocks: every row's window holds the whole chunk; the overlapping last
         # block (its overlap is masked in the backward) and last key chunk are never whole.
         whole_first = None if right is None else _ceil_div(r_last - right, rows.size)
@@ -359,17 +394,23 @@ class Schedule:
         edge_trips = min(rows.count, self.keys.size // rows.size + 2)
         # The overlapping last key chunk has no middle: its tail is all of its rows.
         tail_trips = trips if self.keys.overlaps else edge_trips
-        return bands(xp, first, stop, whole_first, whole_stop, trips, (edge_trips, tail_trips))
+        cut = bands(xp, first, stop, whole_first, whole_stop, trips, (edge_trips, tail_trips))
+        return self._by_segment(cut, k_index, by_keys=False)
 
 
 class _SegmentBounds(NamedTuple):
     """First and stop (exclusive) key chunk per row block, and row block per key chunk,
-    as int32 arrays ``[R]`` and ``[J]`` (lists of ints where the backend reads them)."""
+    as int32 arrays ``[R]`` and ``[J]`` (lists of ints where the backend reads them): of
+    the chunks whose ids overlap, and of the run of chunks that share the block's one id."""
 
     key_first: Any
     key_stop: Any
     row_first: Any
     row_stop: Any
+    same_key_first: Any
+    same_key_stop: Any
+    same_row_first: Any
+    same_row_stop: Any
 
 
 _NO_ID = 2**31 - 1  # above every valid id
@@ -386,6 +427,14 @@ def _id_ranges(xp, ids, cut: Axis):
     return low, high
 
 
+def _single_ids(xp, ids, cut: Axis):
+    """The one id of each chunk of ``ids [*batch, length]`` where all its ids are equal
+    and valid, else -1; ``[count, *batch]``."""
+    chunks = split(xp, ids, -1, cut).chunks
+    low, high = xp.min(chunks, axis=-1), xp.max(chunks, axis=-1)
+    return xp.where(xp.logical_and(low == high, low >= 0), low, -1)
+
+
 def _known(concrete, bound):
     """``bound`` (an int array or None) as Python ints where ``concrete`` reads them."""
     if bound is None or concrete is None:
@@ -394,14 +443,17 @@ def _known(concrete, bound):
     return bound if values is None else values
 
 
-def _first_and_stop(xp, overlap):
+def _first_and_stop(xp, overlap, contiguous: bool = False):
     """For each row of a bool ``[A, B]``, the first True column and one past the last
-    (both 0 where a row has none), int32."""
+    (both 0 where a row has none), int32. ``contiguous``: a row whose Trues are not one
+    run gets none."""
     count = overlap.shape[-1]
     as_int = xp.astype(overlap, xp.int32)
     seen = xp.any(overlap, axis=-1)
     first = xp.astype(xp.argmax(as_int, axis=-1), xp.int32)
     stop = count - xp.astype(xp.argmax(xp.flip(as_int, axis=-1), axis=-1), xp.int32)
+    if contiguous:
+        seen = xp.logical_and(seen, xp.sum(as_int, axis=-1, dtype=xp.int32) == stop - first)
     return xp.where(seen, first, 0), xp.where(seen, stop, 0)
 
 
