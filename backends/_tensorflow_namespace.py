@@ -169,6 +169,10 @@ class Namespace:
         return tf.expand_dims(x, axis)
 
     @staticmethod
+    def broadcast_to(x, /, shape):
+        return tf.broadcast_to(x, shape)
+
+    @staticmethod
     def bitwise_xor(x1, x2, /):
         return tf.bitwise.bitwise_xor(x1, x2)
 

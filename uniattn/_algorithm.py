@@ -169,10 +169,10 @@ def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool, finite: boo
         acc = acc * rescale + backend.matmul(p, v_c)
         return m_new, l, acc
 
-    @functools.cache
-    def fold_of(kind: tuple[bool, bool]):
-        fn = functools.partial(fold_in, kind=kind)
-        return backend.remat(fn) if remat else fn
+    kinds = [(masked, one_segment) for masked in (False, True) for one_segment in (False, True)]
+    folds = {kind: functools.partial(fold_in, kind=kind) for kind in kinds}
+    if remat:
+        folds = {kind: backend.remat(fn) for kind, fn in folds.items()}
 
     kv_ids_by_key = split(xp, c.kv_ids, -1, schedule.keys)
 
@@ -188,12 +188,11 @@ def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool, finite: boo
         carry = (
             xp.full((*rows, 1), NEG_INF, dtype=c.acc_dtype, device=c.device) + zero,
             c.zeros((*rows, 1)) + zero,
-            c.zeros((*rows, first_v.shape[-1])) + zero,
+            c.broadcast_zeros((*rows, first_v.shape[-1]), zero),
         )
         for band in schedule.key_bands(r):
-            fold = fold_of((band.masked, band.one_segment))
 
-            def body(j, carry, fold=fold):
+            def body(j, carry, fold=folds[band.masked, band.one_segment]):
                 chunks = (k_chunks[j, ...], v_chunks[j, ...], by_key[0].at(j), by_key[1].at(j))
                 return fold(*carry, q_c, *chunks, q_ids, kv_ids_by_key.at(j), r, j)
 
@@ -321,7 +320,11 @@ def _backprop(
         *outer, k_chunk, d_k = k_c.shape
         if bias_by_keys:  # this chunk's columns of d_bias
             db = db_sum.zeros((*bias_k.shape[:-1], k_chunk))
-        carry = (c.zeros((*outer, d_k, k_chunk)) + zero, c.zeros(v_t.shape) + zero, dq, db)
+        carry = (
+            c.broadcast_zeros((*outer, d_k, k_chunk), zero),
+            c.broadcast_zeros(v_t.shape, zero),
+        )
+        carry += (dq, db)
         for band in schedule.row_bands(j):
 
             def body(r, carry, band=band):
@@ -477,6 +480,12 @@ class _Context:
 
     def zeros(self, shape):
         return self.xp.zeros(shape, dtype=self.acc_dtype, device=self.device)
+
+    def broadcast_zeros(self, shape, zero):
+        """Zeros of ``shape`` that start a loop carry, connected through ``zero``
+        (:func:`_connected_zero`): a broadcast of one entry, so no block is filled and
+        added to before the loop's first trip writes a new one."""
+        return self.xp.broadcast_to(self.zeros(()) + zero, shape)
 
     def indexed(self, operand: Split) -> Split:
         """``operand`` as a loop body indexes it by its loop's index (``Backend.chunks``)."""
