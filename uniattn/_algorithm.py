@@ -320,11 +320,8 @@ def _backprop(
         *outer, k_chunk, d_k = k_c.shape
         if bias_by_keys:  # this chunk's columns of d_bias
             db = db_sum.zeros((*bias_k.shape[:-1], k_chunk))
-        carry = (
-            c.broadcast_zeros((*outer, d_k, k_chunk), zero),
-            c.broadcast_zeros(v_t.shape, zero),
-        )
-        carry += (dq, db)
+        # Filled, not broadcast: a chunk that no row sees returns these as its gradients.
+        carry = (c.zeros((*outer, d_k, k_chunk)) + zero, c.zeros(v_t.shape) + zero, dq, db)
         for band in schedule.row_bands(j):
 
             def body(r, carry, band=band):
@@ -359,7 +356,10 @@ def _backprop(
     if sinks is not None:  # folding is its own inverse: these are the unfolded operands
         d_sinks = sink_cotangent(xp, c.fold(sinks), c.fold(lse), c.fold(delta))
     grads = (c.fold(dq_sum.value(dq)) * c.options.scale, dk, dv, c.fold(db), d_sinks)
-    return tuple(None if g is None else xp.astype(g, d) for g, d in zip(grads, dtypes, strict=True))
+    return tuple(
+        None if g is None else xp.astype(g, d, copy=False)
+        for g, d in zip(grads, dtypes, strict=True)
+    )
 
 
 @dataclass(frozen=True)
@@ -373,10 +373,10 @@ class _RowSum:
 
     def zeros(self, shape):
         if not self.by_blocks:
-            return self.c.zeros(shape) + self.zero
+            return self.c.zeros(shape) + self.zero  # may be the result: never a broadcast
         rows = self.c.schedule.rows
         shape = (rows.count, *shape[:-2], rows.size, shape[-1])
-        return self.c.backend.blocks(self.c.zeros(shape) + self.zero)
+        return self.c.backend.blocks(self.c.broadcast_zeros(shape, self.zero))  # then stacked
 
     def add(self, acc, r, update):
         return self.c.backend.add_block(acc, r, update) if self.by_blocks else acc + update
