@@ -156,9 +156,8 @@ def _attend(c: _Context, q, k, v, bias, mask, sinks, *, remat: bool, finite: boo
         """Fold key chunk ``j`` into the running (max, sum, accumulator) of row block ``r``;
         ``kind`` is the pair's band's ``(masked, one_segment)`` (which rules apply)."""
         masked, one_segment = kind
-        if one_segment:
-            q_ids = kv_ids = None
-        s, _ = c.scores(q_c, k_c, r, j, masked, bias_c, mask_c, q_ids, kv_ids, finite=finite)
+        args = (bias_c, mask_c, q_ids, kv_ids)
+        s, _ = c.scores(q_c, k_c, r, j, masked, *args, one_segment=one_segment, finite=finite)
         # The result does not depend on m, so no gradient needs to flow through it.
         m_new = xp.maximum(m, backend.stop_gradient(xp.max(s, axis=-1, keepdims=True)))
         m_ref = xp.where(m_new == NEG_INF, 0.0, m_new)  # rows that have seen no key yet
@@ -298,10 +297,9 @@ def _backprop(
     def pair_grads(row: _RowChunk, r, k_c, v_t, kv_ids, j, band):
         """dQ of chunk pair (``r``, ``j``) of ``band``, and its contributions dKᵀ = Qᵀ dS,
         dVᵀ = dOᵀ P and d_bias = dS."""
-        ids = (None, None) if band.one_segment else (row.q_ids, kv_ids)
-        masked = band.masked
-        args = (row.bias, row.mask, *ids)
-        s, tanh = c.scores(row.q, k_c, r, j, masked, *args, overlapping_rows=masked, finite=finite)
+        args = (row.bias, row.mask, row.q_ids, kv_ids)
+        flags = dict(one_segment=band.one_segment, overlapping_rows=band.masked, finite=finite)
+        s, tanh = c.scores(row.q, k_c, r, j, band.masked, *args, **flags)
         p = backend.exp_shifted(s, row.lse)
         keep = c.keep(r, j, s.shape)  # one mask for both products it scales
         dp = c.dropped(backend.matmul(row.d_out, v_t), keep)
@@ -503,6 +501,7 @@ class _Context:
         mask,
         q_ids,
         kv_ids,
+        one_segment=False,
         overlapping_rows=False,
         finite=False,
     ):
@@ -512,8 +511,9 @@ class _Context:
         ``q_c`` is pre-scaled; ``k_c`` is a chunk of keys as they are (the product
         transposes it). ``masked=False`` leaves out the structural rules, for a pair that
         the schedule shows every row sees whole; masks, lengths and segment ids, which vary
-        per batch, still apply. ``overlapping_rows`` masks the last row block's overlap.
-        ``finite``: q and k are known to be finite.
+        per batch, still apply. ``one_segment``: every query and key of the pair holds
+        one and the same valid id, so the segment rule is left out. ``overlapping_rows``
+        masks the last row block's overlap. ``finite``: q and k are known to be finite.
         """
         xp, o, schedule = self.xp, self.options, self.schedule
         s = self.backend.matmul(q_c, k_c, transposed=True)
@@ -524,7 +524,7 @@ class _Context:
         if bias is not None:
             s = s + bias
         rules = [mask]
-        if q_ids is not None:
+        if q_ids is not None and not one_segment:
             rules.append(q_ids == kv_ids)  # padding never matches (see __init__)
         needs_positions = schedule.needs_rules(masked, overlapping_rows) or any(
             x is not None for x in (o.bias_fn, o.mask_fn, self.q_lengths, self.k_lengths)

@@ -228,15 +228,14 @@ class Schedule:
         the block's; per key chunk, the row blocks likewise."""
         xp = self.xp
         query_blocks = Axis(1, 1, xp) if self.folded else Axis(self.q_len, self.rows.size, xp)
-        q_low, q_high = _id_ranges(xp, q_ids, query_blocks)  # [R, *batch]
-        k_low, k_high = _id_ranges(xp, kv_ids, self.keys)  # [J, *batch]
+        q_low, q_high, q_one = _id_ranges(xp, q_ids, query_blocks)  # [R, *batch]
+        k_low, k_high, k_one = _id_ranges(xp, kv_ids, self.keys)  # [J, *batch]
         overlap = xp.logical_and(
             xp.expand_dims(k_high, axis=0) >= xp.expand_dims(q_low, axis=1),
             xp.expand_dims(k_low, axis=0) <= xp.expand_dims(q_high, axis=1),
         )  # [R, J, *batch]
         if overlap.ndim > 2:
             overlap = xp.any(overlap, axis=tuple(range(2, overlap.ndim)))
-        q_one, k_one = _single_ids(xp, q_ids, query_blocks), _single_ids(xp, kv_ids, self.keys)
         same = xp.logical_and(
             xp.expand_dims(k_one, axis=0) == xp.expand_dims(q_one, axis=1),
             xp.expand_dims(q_one, axis=1) >= 0,
@@ -253,17 +252,23 @@ class Schedule:
     def _narrowed(self, first, stop, index, by_keys: bool):
         """``first:stop`` within the segment bounds of row block (``by_keys``) or key
         chunk ``index``."""
-        xp, bounds = self.xp, self.segments[:2] if by_keys else self.segments[2:4]
-        first = maximum(xp, first, bounds[0][index])
-        return first, maximum(xp, minimum(xp, stop, bounds[1][index]), first)
+        xp, seg = self.xp, self.segments
+        low, high = (seg.key_first, seg.key_stop) if by_keys else (seg.row_first, seg.row_stop)
+        first = maximum(xp, first, low[index])
+        return first, maximum(xp, minimum(xp, stop, high[index]), first)
 
     def _by_segment(self, band_list: list[Band], index, by_keys: bool) -> list[Band]:
         """``band_list`` with each band's run of :attr:`Band.one_segment` pairs cut out
         as a band of its own (row block or key chunk ``index``)."""
         if self.segments is None:
             return band_list
-        xp, bounds = self.xp, self.segments[4:6] if by_keys else self.segments[6:]
-        same_first, same_stop = bounds[0][index], bounds[1][index]
+        xp, seg = self.xp, self.segments
+        firsts, stops = (
+            (seg.same_key_first, seg.same_key_stop)
+            if by_keys
+            else (seg.same_row_first, seg.same_row_stop)
+        )
+        same_first, same_stop = firsts[index], stops[index]
         cut = []
         for b in band_list:
             first = minimum(xp, maximum(xp, same_first, b.lower), b.upper)
@@ -380,7 +385,7 @@ class Schedule:
         if left is not None and right is not None and not self.folded:
             trips = min(trips, (self.keys.size - 1 + left + right) // rows.size + 2)
         if self.folded:  # one block of rows: nothing to split
-            return self._by_segment([Band(first, stop, trips, masked=True)], k_index, False)
+            return self._by_segment([Band(first, stop, trips, masked=True)], k_index, by_keys=False)
         # Whole blocks: every row's window holds the whole chunk; the overlapping last
         # block (its overlap is masked in the backward) and last key chunk are never whole.
         whole_first = None if right is None else _ceil_div(r_last - right, rows.size)
@@ -418,21 +423,15 @@ _NO_ID = 2**31 - 1  # above every valid id
 
 def _id_ranges(xp, ids, cut: Axis):
     """The smallest and largest valid (non-negative) id of each chunk of ``ids [*batch,
-    length]`` along its last axis, ``[count, *batch]``; an all-padding chunk gets an empty
-    range (``_NO_ID``, -1)."""
+    length]`` along its last axis, and the chunk's one id where all its ids are valid and
+    equal (else -1), each ``[count, *batch]``; an all-padding chunk gets an empty range
+    (``_NO_ID``, -1)."""
     chunks = split(xp, ids, -1, cut).chunks
     valid = chunks >= 0
     low = xp.min(xp.where(valid, chunks, _NO_ID), axis=-1)
     high = xp.max(xp.where(valid, chunks, -1), axis=-1)
-    return low, high
-
-
-def _single_ids(xp, ids, cut: Axis):
-    """The one id of each chunk of ``ids [*batch, length]`` where all its ids are equal
-    and valid, else -1; ``[count, *batch]``."""
-    chunks = split(xp, ids, -1, cut).chunks
-    low, high = xp.min(chunks, axis=-1), xp.max(chunks, axis=-1)
-    return xp.where(xp.logical_and(low == high, low >= 0), low, -1)
+    one = xp.where(xp.logical_and(xp.all(valid, axis=-1), low == high), low, -1)
+    return low, high, one
 
 
 def _known(concrete, bound):
